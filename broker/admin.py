@@ -1,0 +1,199 @@
+"""Administrative requests: read-only questions answered at once, changes proposed as log commands."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import bson
+
+from broker import keys as k
+from broker.commands import PurgeCmd, PurgeDeadCmd, RequeueDeadCmd
+from broker.keys import Cf
+from broker.protocol import ErrorCode, channel_name_problem
+from broker.queue_state import ChannelState, CommandResult
+
+if TYPE_CHECKING:
+    from broker.node import Node
+
+MAX_PEEK = 1000
+
+
+class AdminError(Exception):
+    """Raised when an admin request cannot be answered; carries the wire code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _decode_body(body: bytes) -> Any:
+    try:
+        return bson.decode(body).get("v")
+    except Exception:  # a stored body the admin cannot decode is shown raw rather than failing the listing
+        return body
+
+
+class AdminHandler:
+    """Answers ADMIN frames for one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def handle(self, routing_id: bytes, rid: int, op: str, args: dict[str, Any]) -> None:
+        """Answer or propose one admin request."""
+        try:
+            method = getattr(self, f"op_{op}", None)
+            if method is None:
+                raise AdminError(ErrorCode.UNKNOWN_COMMAND, f"unknown admin operation {op!r}")
+            result = method(routing_id, rid, args)
+        except AdminError as exc:
+            self.node.send_error(routing_id, rid, exc.code, str(exc))
+            return
+        if result is not None:
+            self.node.send_reply(routing_id, rid, result)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _channel(self, args: dict[str, Any], *, must_exist: bool = True) -> ChannelState | None:
+        name = args.get("name")
+        problem = channel_name_problem(name)
+        if problem is not None:
+            raise AdminError(ErrorCode.INVALID_CHANNEL, problem)
+        assert isinstance(name, str)
+        channel = self.node.state.channels.get(name)
+        if channel is None and must_exist:
+            raise AdminError(ErrorCode.NOT_FOUND, f"no queue named {name!r} on this node")
+        return channel
+
+    def _limit(self, args: dict[str, Any], default: int) -> int:
+        limit = args.get("n", default)
+        if type(limit) is not int or not 0 < limit <= MAX_PEEK:
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, f"'n' must be an integer in 1..{MAX_PEEK}")
+        return limit
+
+    def _stats(self, channel: ChannelState) -> dict[str, Any]:
+        stats = channel.stats()
+        stats["consumers"] = self.node.scheduler.consumers_of(channel.name)
+        return stats
+
+    # ------------------------------------------------------------------ reads
+
+    def op_ping(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Liveness and identity of the node."""
+        return {"node": self.node.node_id, "pid": self.node.pid, "role": "leader"}
+
+    def op_queues(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Counters of every queue."""
+        return {
+            "queues": [
+                self._stats(channel)
+                for channel in sorted(self.node.state.channels.values(), key=lambda c: c.name)
+            ]
+        }
+
+    def op_stats(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Counters of one queue."""
+        channel = self._channel(args)
+        assert channel is not None
+        return {"stats": self._stats(channel)}
+
+    def op_peek(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """The next ``n`` ready messages in delivery order, without leasing them."""
+        channel = self._channel(args)
+        assert channel is not None
+        limit = self._limit(args, 10)
+        start, end = k.chan_range(channel.chan_id)
+        store = self.node.store
+        rows = list(store.scan(Cf.READY, start, end, limit))
+        records = store.multi_get(
+            Cf.MESSAGES, [k.message_key(channel.chan_id, k.unpack_ready_key(key)[3]) for key, _ in rows]
+        )
+        messages = []
+        for (key, value), record in zip(rows, records, strict=True):
+            if record is None:
+                continue
+            _, priority, ready_ms, seq = k.unpack_ready_key(key)
+            produced_at_ms, _, message_id, body = k.unpack_message(record)
+            messages.append(
+                {
+                    "id": message_id,
+                    "seq": seq,
+                    "priority": priority,
+                    "ready_at_ms": ready_ms,
+                    "produced_at_ms": produced_at_ms,
+                    "attempts": k.unpack_attempts(value),
+                    "data": _decode_body(body),
+                }
+            )
+        return {"messages": messages}
+
+    def op_dead_letters(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Up to ``n`` dead letters of a queue with why they died."""
+        channel = self._channel(args)
+        assert channel is not None
+        limit = self._limit(args, 100)
+        start, end = k.chan_range(channel.chan_id)
+        store = self.node.store
+        rows = list(store.scan(Cf.DEAD, start, end, limit))
+        records = store.multi_get(Cf.MESSAGES, [key for key, _ in rows])
+        letters = []
+        for (key, value), record in zip(rows, records, strict=True):
+            if record is None:
+                continue
+            attempts, dead_at_ms, reason = k.unpack_dead(value)
+            produced_at_ms, priority, message_id, body = k.unpack_message(record)
+            letters.append(
+                {
+                    "id": message_id,
+                    "seq": k.unpack_chan_seq(key)[1],
+                    "priority": priority,
+                    "attempts": attempts,
+                    "dead_at_ms": dead_at_ms,
+                    "reason": reason,
+                    "produced_at_ms": produced_at_ms,
+                    "data": _decode_body(body),
+                }
+            )
+        return {"dead_letters": letters}
+
+    def op_cluster_status(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Every node of the group with its role and progress (a group of one for now)."""
+        node = self.node
+        me = {
+            "id": node.node_id,
+            "client_endpoint": node.settings.node.client_endpoint,
+            "peer_endpoint": node.settings.node.peer_endpoint,
+            "role": "leader",
+            "term": 1,
+            "commit_index": node.log.commit_index,
+            "applied_index": node.state.applied_index,
+            "lag": node.log.commit_index - node.state.applied_index,
+            "pid": node.pid,
+        }
+        return {"leader": node.node_id, "nodes": [me], "counters": dict(node.counters)}
+
+    # ------------------------------------------------------------------ changes (log commands)
+
+    def _propose_count(self, routing_id: bytes, rid: int, command: Any, key: str) -> None:
+        def answer(result: CommandResult) -> None:
+            self.node.send_reply(routing_id, rid, {key: result})
+
+        self.node.propose(command, answer)
+
+    def op_purge(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+        """Delete every ready and delayed message of a queue."""
+        channel = self._channel(args)
+        assert channel is not None
+        self._propose_count(routing_id, rid, PurgeCmd(channel.name), "purged")
+
+    def op_requeue_dead(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+        """Move a queue's dead letters back to ready."""
+        channel = self._channel(args)
+        assert channel is not None
+        self._propose_count(routing_id, rid, RequeueDeadCmd(channel.name), "requeued")
+
+    def op_purge_dead(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+        """Delete a queue's dead letters."""
+        channel = self._channel(args)
+        assert channel is not None
+        self._propose_count(routing_id, rid, PurgeDeadCmd(channel.name), "purged")

@@ -1,0 +1,399 @@
+"""The node process: a ROUTER loop around the log, the queue state machine and the scheduler.
+
+One loop turn: wait for frames or the next timer; decode every frame that arrived; turn them and the
+scheduler's plan into log commands; append them as ONE log entry (one fsynced write: group commit);
+apply the committed entry; answer producers, deliver leases. Nothing is answered before the entry
+holding it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+import zmq
+
+from broker import protocol as p
+from broker.admin import AdminHandler
+from broker.commands import (
+    AckCmd,
+    LeaseCmd,
+    LogCommand,
+    LogEntry,
+    NackCmd,
+    ProduceCmd,
+    decode_entry,
+    encode_entry,
+)
+from broker.keys import Cf, message_key, unpack_message
+from broker.queue_state import CommandResult, Leased, ProduceOutcome, QueueState, session_key
+from broker.scheduler import Scheduler, Subscription
+from broker.store import RocksStore
+from cluster.local import LocalLog
+from config import Settings
+
+log = logging.getLogger("zbroker.node")
+
+MAX_FRAMES_PER_TURN = 2000
+COMPACT_EVERY_ENTRIES = 256
+MIN_SESSION_TIMEOUT_MS = 100
+MAX_SESSION_TIMEOUT_MS = 3_600_000
+
+ResultCallback = Callable[[CommandResult], None]
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds: the time the leader stamps into log entries."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class _Turn:
+    """Commands gathered during one loop turn, each with what to do with its result."""
+
+    commands: list[LogCommand] = field(default_factory=list)
+    callbacks: list[ResultCallback | None] = field(default_factory=list)
+    produce: list[p.ProduceItem] = field(default_factory=list)
+    produce_waiters: list[tuple[bytes, int, list[Any], list[int]]] = field(default_factory=list)
+    acks: list[p.LeaseRef] = field(default_factory=list)
+    ack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
+    nacks: list[p.NackItem] = field(default_factory=list)
+    nack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
+
+    def add(self, command: LogCommand, callback: ResultCallback | None = None) -> None:
+        self.commands.append(command)
+        self.callbacks.append(callback)
+
+
+class Node:
+    """One zbroker node serving clients on its ROUTER socket."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        node = settings.node
+        self.node_id = node.id
+        self.max_message_bytes = node.max_message_bytes
+        self.session_timeout_ms = int(node.session_timeout_s * 1000)
+        self.heartbeat_interval_ms = int(node.heartbeat_interval_s * 1000)
+        self.store = RocksStore(node.data_dir)
+        self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
+        self.log = LocalLog(self.store, fsync=node.fsync)
+        self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
+        self.admin = AdminHandler(self)
+        self.counters: dict[str, int] = {"frames_received": 0, "frames_rejected": 0, "entries_appended": 0}
+        self.started_at_ms = now_ms()
+        self._stopping = False
+        self._turn = _Turn()
+        self._outbox: list[list[bytes]] = []
+        self._durable_applied = self.state.applied_index
+        self._replay()
+        self.scheduler.adopt_leased_sessions(now_ms())
+        self.context = zmq.Context.instance()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes + (1 << 20))
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_interval_ms)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * self.heartbeat_interval_ms)
+        self.router.bind(node.client_endpoint)
+        log.info(
+            "node %s serving clients on %s (data in %s, %d channels, %d leases restored)",
+            self.node_id,
+            node.client_endpoint,
+            node.data_dir,
+            len(self.state.channels),
+            len(self.state.leases),
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _replay(self) -> None:
+        pending = self.log.committed_since(self.state.applied_index)
+        if pending:
+            log.info(
+                "replaying %d committed log entries after index %d", len(pending), self.state.applied_index
+            )
+            self.state.apply([(index, decode_entry(payload)) for index, payload in pending])
+
+    def stop(self) -> None:
+        """Ask the loop to finish its turn and shut down (safe from a signal handler)."""
+        self._stopping = True
+
+    def run(self) -> None:
+        """Serve until ``stop`` is called."""
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the socket and the database; everything acknowledged is already durable."""
+        if self.router.closed:
+            return
+        self.router.close(0)
+        self.store.sync_wal()
+        self.store.close()
+        log.info("node %s stopped", self.node_id)
+
+    # ------------------------------------------------------------------ the loop turn
+
+    def run_once(self) -> None:
+        """One loop turn."""
+        now = now_ms()
+        timeout = (
+            0 if self.scheduler.has_work() else max(0, min(self.scheduler.next_timer_ms(now) - now, 100))
+        )
+        if self.router.poll(timeout, zmq.POLLIN):
+            self._drain()
+        now = now_ms()
+        turn = self._turn
+        if turn.produce:
+            turn.add(ProduceCmd(tuple(turn.produce)), self._answer_produce(turn.produce_waiters))
+        if turn.acks:
+            command = AckCmd(tuple(turn.acks))
+            self.scheduler.note_settle(command)
+            turn.add(command, self._answer_acks(turn.ack_waiters))
+        if turn.nacks:
+            nack = NackCmd(tuple(turn.nacks))
+            self.scheduler.note_settle(nack)
+            turn.add(nack, self._answer_acks(turn.nack_waiters))
+        for command in self.scheduler.plan(now):
+            turn.add(command, self._deliver if isinstance(command, LeaseCmd) else None)
+        if turn.commands:
+            self._commit(turn, now)
+        self._turn = _Turn()
+        self._flush_outbox()
+
+    def _commit(self, turn: _Turn, now: int) -> None:
+        entry = LogEntry(now, tuple(turn.commands))
+        durable_before = self.state.applied_index
+        index = self.log.propose(encode_entry(entry))
+        self.counters["entries_appended"] += 1
+        self.scheduler.proposed(index)
+        self._durable_applied = durable_before
+        # A group of one: the entry is committed once it is on disk, so apply it now.
+        (results,) = self.state.apply([(index, entry)])
+        self.scheduler.applied(index)
+        for result, callback in zip(results, turn.callbacks, strict=True):
+            if callback is not None:
+                callback(result)
+        if index - self.log.log.first_index >= COMPACT_EVERY_ENTRIES:
+            self.log.compact(self._durable_applied)
+
+    def _drain(self) -> None:
+        router = self.router
+        for _ in range(MAX_FRAMES_PER_TURN):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.counters["frames_received"] += 1
+            routing_id = frames[0]
+            try:
+                frame = p.decode_client(frames[1:])
+                self._handle(routing_id, frame)
+            except p.FrameError as exc:
+                self.counters["frames_rejected"] += 1
+                log.debug("rejected frame from %s: %s", routing_id.hex(), exc.message)
+                self._send(routing_id, p.encode_error(exc.request_id, exc.code, exc.message))
+            except Exception:  # a bug handling one frame must not take the node down
+                self.counters["frames_rejected"] += 1
+                log.exception("failed to handle a frame from %s", routing_id.hex())
+                self._send(
+                    routing_id,
+                    p.encode_error(0, p.ErrorCode.INTERNAL, "the node failed to handle this frame"),
+                )
+
+    def _send(self, routing_id: bytes, frames: list[bytes]) -> None:
+        self._outbox.append([routing_id, *frames])
+
+    def _flush_outbox(self) -> None:
+        router = self.router
+        for message in self._outbox:
+            try:
+                router.send_multipart(message, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry or time out
+                log.debug("dropped a frame to %s: %s", message[0].hex(), exc)
+        self._outbox.clear()
+
+    # ------------------------------------------------------------------ frames
+
+    def _handle(self, routing_id: bytes, frame: p.ClientFrame) -> None:
+        now = now_ms()
+        session = self.scheduler.touch(routing_id, now)
+        match frame:
+            case p.Produce():
+                self._take_produce(routing_id, frame)
+            case p.Ack(rid, refs):
+                self._turn.acks.extend(refs)
+                self._turn.ack_waiters.append((routing_id, rid, len(refs)))
+            case p.Nack(rid, items):
+                self._turn.nacks.extend(items)
+                self._turn.nack_waiters.append((routing_id, rid, len(items)))
+            case p.Heartbeat():
+                if session is None:
+                    raise p.FrameError(p.ErrorCode.SESSION_UNKNOWN, "no session for this client: send HELLO")
+                self._send(routing_id, p.HEARTBEAT_FRAME)
+            case p.Hello(timeout_ms, _):
+                if len(routing_id) > 16 or routing_id[:1] == b"\x00":
+                    raise p.FrameError(
+                        p.ErrorCode.INVALID_ARGUMENT,
+                        "set a routing id of 1..16 bytes not starting with 0 to HELLO",
+                    )
+                timeout_ms = timeout_ms or self.session_timeout_ms
+                timeout_ms = min(max(timeout_ms, MIN_SESSION_TIMEOUT_MS), MAX_SESSION_TIMEOUT_MS)
+                self.scheduler.attach(routing_id, timeout_ms, now)
+                welcome = {
+                    "node": self.node_id,
+                    "session_timeout_ms": timeout_ms,
+                    "heartbeat_ms": min(self.heartbeat_interval_ms, max(timeout_ms // 3, 10)),
+                    "max_message_bytes": self.max_message_bytes,
+                    "leader": self.settings.node.client_endpoint,
+                }
+                self._send(routing_id, p.encode(p.Command.WELCOME, welcome))
+            case p.Subscribe(rid):
+                if session is None:
+                    raise p.FrameError(
+                        p.ErrorCode.SESSION_UNKNOWN, "SUBSCRIBE needs a session: send HELLO", rid
+                    )
+                problem = p.channel_name_problem(frame.channel)
+                if problem is not None:
+                    raise p.FrameError(p.ErrorCode.INVALID_CHANNEL, problem, rid)
+                self.scheduler.subscribe(
+                    session,
+                    Subscription(
+                        session.session,
+                        frame.subscription_id,
+                        frame.channel,
+                        frame.max_parallel,
+                        frame.max_attempts,
+                        frame.retry_backoff_ms,
+                        frame.retry_backoff_max_ms,
+                        frame.processing_timeout_ms,
+                    ),
+                )
+                self._send(routing_id, p.encode_reply(rid, {}))
+            case p.Unsubscribe(rid, subscription_id):
+                existed = session is not None and self.scheduler.unsubscribe(session, subscription_id)
+                self._send(routing_id, p.encode_reply(rid, {"existed": existed}))
+            case p.Bye():
+                if session is not None:
+                    release = self.scheduler.close(session)
+                    if release is not None:
+                        self._turn.add(release)
+            case p.Admin(rid, op, args):
+                self.admin.handle(routing_id, rid, op, args)
+
+    def _take_produce(self, routing_id: bytes, frame: p.Produce) -> None:
+        results: list[Any] = [None] * len(frame.items)
+        slots: list[int] = []
+        for position, item in enumerate(frame.items):
+            problem = p.channel_name_problem(item.channel)
+            if problem is not None:
+                results[position] = [item.produce_id, False, int(p.ErrorCode.INVALID_CHANNEL), problem]
+            elif len(item.body) > self.max_message_bytes:
+                results[position] = [
+                    item.produce_id,
+                    False,
+                    int(p.ErrorCode.MESSAGE_TOO_LARGE),
+                    f"message is {len(item.body)} bytes; this node accepts at most {self.max_message_bytes}",
+                ]
+            elif not bson.is_valid(item.body):
+                results[position] = [
+                    item.produce_id,
+                    False,
+                    int(p.ErrorCode.INVALID_PAYLOAD),
+                    "message body is not a valid BSON document",
+                ]
+            else:
+                slots.append(position)
+                self._turn.produce.append(item)
+        if slots:
+            self._turn.produce_waiters.append((routing_id, frame.request_id, results, slots))
+        else:
+            self.counters["frames_rejected"] += 1
+            self._send(routing_id, p.encode_reply(frame.request_id, {"r": results}))
+
+    # ------------------------------------------------------------------ answers
+
+    def _answer_produce(self, waiters: list[tuple[bytes, int, list[Any], list[int]]]) -> ResultCallback:
+        def answer(result: CommandResult) -> None:
+            assert isinstance(result, list)
+            outcomes = iter(result)
+            for routing_id, rid, results, slots in waiters:
+                for position in slots:
+                    outcome = next(outcomes)
+                    assert isinstance(outcome, ProduceOutcome)
+                    results[position] = [
+                        outcome.message_id,
+                        outcome.duplicate,
+                        int(outcome.code),
+                        outcome.error,
+                    ]
+                self._send(routing_id, p.encode_reply(rid, {"r": results}))
+
+        return answer
+
+    def _answer_acks(self, waiters: list[tuple[bytes, int, int]]) -> ResultCallback:
+        def answer(result: CommandResult) -> None:
+            assert isinstance(result, list)
+            position = 0
+            for routing_id, rid, count in waiters:
+                codes = [int(code) for code in result[position : position + count]]
+                position += count
+                self._send(routing_id, p.encode_reply(rid, {"codes": codes}))
+
+        return answer
+
+    def _deliver(self, result: CommandResult) -> None:
+        assert isinstance(result, list)
+        if not result:
+            return
+        first = result[0]
+        assert isinstance(first, Leased)
+        session = self.scheduler.sessions.get(first.session)
+        if session is None or session.routing_id is None:
+            return  # the session went away; the leases expire with it
+        leased: list[Leased] = result  # type: ignore[assignment]
+        records = self.store.multi_get(
+            Cf.MESSAGES, [message_key(lease.chan_id, lease.seq) for lease in leased]
+        )
+        rows = []
+        for lease, record in zip(leased, records, strict=True):
+            if record is None:
+                log.error("leased message %d of %s has no body", lease.seq, lease.channel)
+                continue
+            produced_at_ms, _, message_id, body = unpack_message(record)
+            rows.append(
+                (lease.seq, lease.lease_token, lease.attempt, message_id, produced_at_ms, lease.channel, body)
+            )
+        self._send(session.routing_id, p.encode_deliver(first.subscription_id, rows))
+
+    def send_reply(self, routing_id: bytes, rid: int, result: dict[str, Any]) -> None:
+        """Queue a reply to an admin request."""
+        self._send(routing_id, p.encode_reply(rid, result))
+
+    def send_error(self, routing_id: bytes, rid: int, code: p.ErrorCode, message: str) -> None:
+        """Queue an error answer."""
+        self._send(routing_id, p.encode_error(rid, code, message))
+
+    def propose(self, command: LogCommand, callback: ResultCallback) -> None:
+        """Add an admin command to this turn's entry."""
+        self._turn.add(command, callback)
+
+    def session_for(self, routing_id: bytes) -> bytes:
+        """The session key of a routing id."""
+        return session_key(routing_id)
+
+    @property
+    def pid(self) -> int:
+        """This process's id."""
+        return os.getpid()

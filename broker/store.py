@@ -1,0 +1,282 @@
+"""Key-value storage behind the queue state machine and the log: RocksDB, and an in-memory twin.
+
+The state machine only sees ``Store`` and ``Batch``; the node gives it ``RocksStore``, the tests and
+the simulator give it ``MemoryStore``. Reads see what the last ``write`` stored, never a pending
+batch, so an applier writes its batch before it reads what the batch changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from rocksdict import (
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
+
+from broker.keys import Cf
+
+
+class Batch(ABC):
+    """Writes that become visible together, atomically, at ``Store.write``."""
+
+    @abstractmethod
+    def put(self, cf: Cf, key: bytes, value: bytes) -> None:
+        """Set ``key`` to ``value``."""
+
+    @abstractmethod
+    def delete(self, cf: Cf, key: bytes) -> None:
+        """Remove ``key``."""
+
+    @abstractmethod
+    def delete_range(self, cf: Cf, start: bytes, end: bytes) -> None:
+        """Remove every key in [start, end)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of operations so far."""
+
+
+class Store(ABC):
+    """Column-family key-value storage with atomic batches."""
+
+    @abstractmethod
+    def batch(self) -> Batch:
+        """A new empty batch for this store."""
+
+    @abstractmethod
+    def write(self, batch: Batch, *, sync: bool) -> None:
+        """Apply ``batch`` atomically; with ``sync`` it is on disk when this returns."""
+
+    @abstractmethod
+    def get(self, cf: Cf, key: bytes) -> bytes | None:
+        """The value of ``key``, or None."""
+
+    @abstractmethod
+    def multi_get(self, cf: Cf, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of ``keys``, None where missing."""
+
+    @abstractmethod
+    def scan(self, cf: Cf, start: bytes, end: bytes, limit: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs with start <= key < end in key order; ``limit`` 0 = all."""
+
+    def first_key(self, cf: Cf, start: bytes, end: bytes) -> bytes | None:
+        """The smallest key in [start, end), or None."""
+        for key, _ in self.scan(cf, start, end, 1):
+            return key
+        return None
+
+    @abstractmethod
+    def last_key(self, cf: Cf, start: bytes, end: bytes) -> bytes | None:
+        """The largest key in [start, end), or None."""
+
+    def count(self, cf: Cf, start: bytes, end: bytes) -> int:
+        """How many keys lie in [start, end) (a scan: for start-up and tests, not hot paths)."""
+        return sum(1 for _ in self.scan(cf, start, end))
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to release for most stores
+        """Release the store's resources."""
+
+
+# --------------------------------------------------------------------------- in memory
+
+
+class MemoryBatch(Batch):
+    """A batch recorded as a list of operations."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, Cf, bytes, bytes]] = []
+
+    def put(self, cf: Cf, key: bytes, value: bytes) -> None:
+        self.ops.append(("put", cf, key, value))
+
+    def delete(self, cf: Cf, key: bytes) -> None:
+        self.ops.append(("del", cf, key, b""))
+
+    def delete_range(self, cf: Cf, start: bytes, end: bytes) -> None:
+        self.ops.append(("range", cf, start, end))
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class MemoryStore(Store):
+    """Sorted in-memory storage with the semantics of ``RocksStore``; for tests and simulation."""
+
+    def __init__(self) -> None:
+        self._data: dict[Cf, dict[bytes, bytes]] = {cf: {} for cf in Cf}
+        self._sorted: dict[Cf, list[bytes]] = {cf: [] for cf in Cf}
+        self.writes = 0
+
+    def batch(self) -> MemoryBatch:
+        return MemoryBatch()
+
+    def write(self, batch: Batch, *, sync: bool) -> None:
+        assert isinstance(batch, MemoryBatch)
+        self.writes += 1
+        for op, cf, key, value in batch.ops:
+            data, order = self._data[cf], self._sorted[cf]
+            if op == "put":
+                if key not in data:
+                    bisect.insort(order, key)
+                data[key] = value
+            elif op == "del":
+                if data.pop(key, None) is not None:
+                    del order[bisect.bisect_left(order, key)]
+            else:
+                lo, hi = bisect.bisect_left(order, key), bisect.bisect_left(order, value)
+                for doomed in order[lo:hi]:
+                    del data[doomed]
+                del order[lo:hi]
+
+    def get(self, cf: Cf, key: bytes) -> bytes | None:
+        return self._data[cf].get(key)
+
+    def multi_get(self, cf: Cf, keys: Sequence[bytes]) -> list[bytes | None]:
+        data = self._data[cf]
+        return [data.get(key) for key in keys]
+
+    def scan(self, cf: Cf, start: bytes, end: bytes, limit: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        data, order = self._data[cf], self._sorted[cf]
+        lo, hi = bisect.bisect_left(order, start), bisect.bisect_left(order, end)
+        keys = order[lo:hi] if not limit else order[lo : min(hi, lo + limit)]
+        for key in keys:
+            yield key, data[key]
+
+    def last_key(self, cf: Cf, start: bytes, end: bytes) -> bytes | None:
+        order = self._sorted[cf]
+        lo, hi = bisect.bisect_left(order, start), bisect.bisect_left(order, end)
+        return order[hi - 1] if hi > lo else None
+
+    def snapshot_items(self) -> dict[Cf, dict[bytes, bytes]]:
+        """A deep copy of all data, for comparing replicas in tests."""
+        return {cf: dict(values) for cf, values in self._data.items()}
+
+
+# --------------------------------------------------------------------------- RocksDB
+
+
+class RocksBatch(Batch):
+    """A batch that writes straight into a rocksdict ``WriteBatch``."""
+
+    def __init__(self, handles: dict[Cf, object]) -> None:
+        self._handles = handles
+        self._batch = WriteBatch(raw_mode=True)
+        self._ops = 0
+
+    def put(self, cf: Cf, key: bytes, value: bytes) -> None:
+        self._batch.put(key, value, self._handles[cf])
+        self._ops += 1
+
+    def delete(self, cf: Cf, key: bytes) -> None:
+        self._batch.delete(key, self._handles[cf])
+        self._ops += 1
+
+    def delete_range(self, cf: Cf, start: bytes, end: bytes) -> None:
+        self._batch.delete_range(start, end, self._handles[cf])
+        self._ops += 1
+
+    def __len__(self) -> int:
+        return self._ops
+
+
+def _options(write_buffer_bytes: int) -> Options:
+    options = Options(raw_mode=True)
+    options.set_write_buffer_size(write_buffer_bytes)
+    options.set_max_write_buffer_number(3)
+    options.set_level_compaction_dynamic_level_bytes(True)
+    return options
+
+
+class RocksStore(Store):
+    """The node's RocksDB: one database, one column family per ``Cf``, bounded memory."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = _options(16 << 20)
+        options.create_if_missing(True)
+        options.create_missing_column_families(True)
+        # All column families share one WAL; cap it so a rarely written family cannot pin it forever,
+        # and cap all memtables together so memory does not grow with the number of families.
+        options.set_max_total_wal_size(64 << 20)
+        options.set_db_write_buffer_size(128 << 20)
+        options.set_max_background_jobs(2)
+        options.increase_parallelism(2)
+        self.path = path
+        self._db = Rdict(str(path), options)
+        existing = set(Rdict.list_cf(str(path), Options(raw_mode=True)))
+        self._families: dict[Cf, Rdict] = {}
+        for cf in Cf:
+            self._families[cf] = (
+                self._db.get_column_family(cf.value)
+                if cf.value in existing
+                else self._db.create_column_family(cf.value, _options(32 << 20 if cf is Cf.LOG else 8 << 20))
+            )
+        self._handles: dict[Cf, object] = {cf: self._db.get_column_family_handle(cf.value) for cf in Cf}
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        self._nosync = WriteOptions()
+
+    def batch(self) -> RocksBatch:
+        return RocksBatch(self._handles)
+
+    def write(self, batch: Batch, *, sync: bool) -> None:
+        assert isinstance(batch, RocksBatch)
+        if batch._ops:
+            self._db.write(batch._batch, self._sync if sync else self._nosync)
+
+    def sync_wal(self) -> None:
+        """Make every write so far durable."""
+        self._db.flush_wal(True)
+
+    def get(self, cf: Cf, key: bytes) -> bytes | None:
+        value = self._families[cf].get(key)
+        return value if value is None else bytes(value)
+
+    def multi_get(self, cf: Cf, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        values: list[bytes | None] = self._families[cf].get(list(keys))
+        return values
+
+    def scan(self, cf: Cf, start: bytes, end: bytes, limit: int = 0) -> Iterator[tuple[bytes, bytes]]:
+        read_options = ReadOptions()
+        read_options.set_iterate_upper_bound(end)
+        for produced, (key, value) in enumerate(
+            self._families[cf].items(from_key=start, read_opt=read_options), start=1
+        ):
+            yield key, value
+            if produced == limit:
+                return
+
+    def last_key(self, cf: Cf, start: bytes, end: bytes) -> bytes | None:
+        for key in self._families[cf].keys(backwards=True, from_key=end):
+            if key >= end:
+                continue
+            return key if key >= start else None
+        return None
+
+    def compact(self, cf: Cf) -> None:
+        """Compact one column family fully (reclaims space of deleted keys now)."""
+        self._families[cf].compact_range(None, None)
+
+    def disk_bytes(self) -> int:
+        """Total size of the database's files on disk."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def close(self) -> None:
+        self._families.clear()
+        self._handles.clear()
+        self._db.close()
+
+    @staticmethod
+    def destroy(path: Path) -> None:
+        """Delete a database folder."""
+        shutil.rmtree(path, ignore_errors=True)

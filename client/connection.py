@@ -1,0 +1,391 @@
+"""The client's one connection to the cluster: a DEALER socket with heartbeats, batching and retries.
+
+Paranoid Pirate style: both sides heartbeat on the traffic socket and any frame counts as a sign of
+life; a node silent for ``LIVENESS`` heartbeats is abandoned for the next endpoint. Every request
+carries ids that make it safe to send again (produce ids, lease tokens), so after a reconnect, a
+NOT_LEADER answer or a lost frame the connection simply sends everything in flight again, until each
+caller's own timeout.
+
+Produces, acks and nacks issued in the same event-loop iteration travel in one frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from broker import protocol as p
+from client.errors import (
+    BrokerConnectionError,
+    BrokerError,
+    NotLeaderError,
+    SessionUnknownError,
+    error_from_code,
+)
+
+log = logging.getLogger("zbroker.client")
+
+LIVENESS = 3
+RESEND_AFTER_S = 3.0
+CONNECT_TIMEOUT_S = 2.0
+MAX_BATCH_ITEMS = 1000
+RETRY_PAUSE_S = 0.05
+_RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
+
+
+class ConnectionState(Enum):
+    """Where the connection is in its life."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class _Request:
+    """A frame awaiting its reply; re-sent as is until answered."""
+
+    command: p.Command
+    payload: dict[str, Any]
+    future: asyncio.Future[dict[str, Any]]
+    sent_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _Item:
+    """One produce, ack or nack waiting to be batched, with the caller's future."""
+
+    wire: Any
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Batcher:
+    """Items of one kind gathered during an event-loop iteration."""
+
+    command: p.Command
+    items: list[_Item] = field(default_factory=list)
+    scheduled: bool = False
+
+
+class Connection:
+    """A session with one node of the cluster at a time, following the leader."""
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        session_timeout_s: float,
+        client_name: str,
+        on_deliver: Callable[[p.Deliver], None],
+        on_session: Callable[[], Awaitable[None]],
+    ) -> None:
+        if not endpoints:
+            raise BrokerConnectionError("no endpoints given: pass e.g. 'tcp://127.0.0.1:7101'")
+        self.endpoints = list(endpoints)
+        self.session_timeout_s = session_timeout_s
+        self.client_name = client_name
+        self.routing_id = b"Z" + os.urandom(15)
+        self.state = ConnectionState.IDLE
+        self.node_id = ""
+        self.max_message_bytes = 16 << 20
+        self.heartbeat_interval_s = 1.0
+        self._on_deliver = on_deliver
+        self._on_session = on_session
+        self._endpoint_index = 0
+        self._context = zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._rids = itertools.count(1)
+        self._inflight: dict[int, _Request] = {}
+        self._batchers = {
+            command: _Batcher(command) for command in (p.Command.PRODUCE, p.Command.ACK, p.Command.NACK)
+        }
+        self._welcome: asyncio.Future[p.Welcome] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._last_received = 0.0
+        self._last_sent = 0.0
+        self._reconnecting: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self, timeout_s: float) -> None:
+        """Connect to the first node that answers; raise ``BrokerConnectionError`` if none does."""
+        if self.state is not ConnectionState.IDLE:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if await self._connect_once():
+                break
+            if time.monotonic() >= deadline:
+                self.state = ConnectionState.IDLE
+                raise BrokerConnectionError(
+                    f"no zbroker node answered at {', '.join(self.endpoints)} within {timeout_s:g}s; "
+                    "is `brokerctl serve` running there?"
+                )
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        self._tasks.append(asyncio.create_task(self._keepalive(), name="zbroker-keepalive"))
+
+    async def close(self) -> None:
+        """Say goodbye (the node releases this session's leases at once) and close the socket."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self._socket is not None and self.state is ConnectionState.READY:
+            with contextlib.suppress(zmq.ZMQError):
+                await self._socket.send_multipart(p.BYE_FRAME, zmq.NOBLOCK)
+        self.state = ConnectionState.CLOSED
+        for task in [*self._tasks, self._reconnecting]:
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._close_socket()
+        closed = BrokerConnectionError("the connection was closed")
+        for request in self._inflight.values():
+            if not request.future.done():
+                request.future.set_exception(closed)
+        self._inflight.clear()
+        for batcher in self._batchers.values():
+            for item in batcher.items:
+                if not item.future.done():
+                    item.future.set_exception(closed)
+            batcher.items.clear()
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+    async def _connect_once(self) -> bool:
+        """Open a socket to the current endpoint and exchange HELLO/WELCOME."""
+        self.state = ConnectionState.CONNECTING
+        self._ready.clear()
+        for task in self._tasks[1:]:
+            task.cancel()
+        del self._tasks[1:]
+        self._close_socket()
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.ROUTING_ID, self.routing_id)
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        socket.connect(self.endpoints[self._endpoint_index])
+        self._socket = socket
+        reader = asyncio.create_task(self._read(socket), name="zbroker-reader")
+        self._tasks.append(reader)
+        self._welcome = asyncio.get_running_loop().create_future()
+        hello = p.encode_hello(int(self.session_timeout_s * 1000), self.client_name)
+        try:
+            await socket.send_multipart(hello)
+            welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
+        except (TimeoutError, zmq.ZMQError):
+            reader.cancel()
+            self._close_socket()
+            return False
+        self.node_id = welcome.node_id
+        self.max_message_bytes = welcome.max_message_bytes
+        self.heartbeat_interval_s = max(welcome.heartbeat_interval_ms / 1000, 0.01)
+        self._last_received = time.monotonic()
+        self.state = ConnectionState.READY
+        self._ready.set()
+        await self._on_session()
+        for rid, request in list(self._inflight.items()):
+            self._send_request(rid, request)
+        return True
+
+    def _reconnect(self, reason: str, endpoint: str | None = None) -> None:
+        """Start moving to another node (the leader's endpoint when known) unless already doing so."""
+        if self.state is ConnectionState.CLOSED or (self._reconnecting and not self._reconnecting.done()):
+            return
+        if endpoint:
+            if endpoint not in self.endpoints:
+                self.endpoints.append(endpoint)
+            self._endpoint_index = self.endpoints.index(endpoint)
+        elif len(self.endpoints) > 1:
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        log.info("reconnecting to %s: %s", self.endpoints[self._endpoint_index], reason)
+        self._reconnecting = asyncio.create_task(self._reconnect_loop(), name="zbroker-reconnect")
+
+    async def _reconnect_loop(self) -> None:
+        pause = 0.05
+        while self.state is not ConnectionState.CLOSED:
+            if await self._connect_once():
+                return
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    async def _keepalive(self) -> None:
+        """Send heartbeats, detect a silent node, re-send requests whose answer never came."""
+        while self.state is not ConnectionState.CLOSED:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            if self.state is not ConnectionState.READY or self._socket is None:
+                continue
+            now = time.monotonic()
+            if now - self._last_received > LIVENESS * self.heartbeat_interval_s:
+                self._reconnect(f"node {self.node_id} silent for {now - self._last_received:.1f}s")
+                continue
+            self._send(p.HEARTBEAT_FRAME)
+            for rid, request in list(self._inflight.items()):
+                if now - request.sent_at > RESEND_AFTER_S:
+                    self._send_request(rid, request)
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, frames: list[bytes]) -> None:
+        if self._socket is None or self.state is not ConnectionState.READY:
+            return
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
+        except zmq.ZMQError as exc:  # queue full or socket gone: the resend timer tries again
+            log.debug("send failed: %s", exc)
+
+    def _send_request(self, rid: int, request: _Request) -> None:
+        request.sent_at = time.monotonic()
+        self._send(p.encode(request.command, {"rid": rid, **request.payload}))
+
+    async def request(self, command: p.Command, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait for its reply (re-sent after reconnects; the caller times it out)."""
+        if self.state is ConnectionState.CLOSED:
+            raise BrokerConnectionError("the connection is closed")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        rid = next(self._rids)
+        request = _Request(command, payload, future)
+        self._inflight[rid] = request
+        self._send_request(rid, request)
+        try:
+            return await future
+        finally:
+            self._inflight.pop(rid, None)
+
+    def enqueue(self, command: p.Command, wire: Any) -> asyncio.Future[Any]:
+        """Add one item to this loop iteration's PRODUCE, ACK or NACK batch."""
+        if self.state is ConnectionState.CLOSED:
+            raise BrokerConnectionError("the connection is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batcher = self._batchers[command]
+        batcher.items.append(_Item(wire, future))
+        if not batcher.scheduled:
+            batcher.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_batch, batcher)
+        return future
+
+    def _flush_batch(self, batcher: _Batcher) -> None:
+        batcher.scheduled = False
+        items = [item for item in batcher.items if not item.future.done()]
+        batcher.items.clear()
+        while items:
+            chunk, size = [], 0
+            for item in items:
+                item_bytes = len(item.wire["body"]) if batcher.command is p.Command.PRODUCE else 32
+                if chunk and (len(chunk) >= MAX_BATCH_ITEMS or size + item_bytes > self.max_message_bytes):
+                    break
+                chunk.append(item)
+                size += item_bytes
+            items = items[len(chunk) :]
+            asyncio.create_task(self._send_batch(batcher.command, chunk))
+
+    async def _send_batch(self, command: p.Command, chunk: list[_Item]) -> None:
+        """Send one batch; route each item's answer to its future, re-queue retriable failures."""
+        try:
+            reply = await self.request(command, {"items": [item.wire for item in chunk]})
+        except BrokerError as exc:
+            for item in chunk:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        answers = reply.get("r") if command is p.Command.PRODUCE else reply.get("codes")
+        if not isinstance(answers, list) or len(answers) != len(chunk):
+            error = BrokerError(f"the node answered {command.name} with a malformed reply")
+            for item in chunk:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        retry: list[_Item] = []
+        for item, answer in zip(chunk, answers, strict=True):
+            if item.future.done():
+                continue
+            code = answer[2] if command is p.Command.PRODUCE else answer
+            if code in _RETRIABLE_CODES:
+                retry.append(item)
+            else:
+                item.future.set_result(answer)
+        if retry:
+            await asyncio.sleep(RETRY_PAUSE_S)
+            for item in retry:
+                self._batchers[command].items.append(item)
+            self._flush_batch(self._batchers[command])
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _read(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            try:
+                frames = await socket.recv_multipart()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError:
+                return
+            self._last_received = time.monotonic()
+            try:
+                frame = p.decode_node(frames)
+            except p.FrameError as exc:
+                log.warning("ignored a malformed frame from the node: %s", exc.message)
+                continue
+            self._dispatch(frame)
+
+    def _dispatch(self, frame: p.NodeFrame) -> None:
+        match frame:
+            case p.Deliver():
+                self._on_deliver(frame)
+            case p.Reply(rid, result):
+                request = self._inflight.get(rid)
+                if request is not None and not request.future.done():
+                    request.future.set_result(result)
+            case p.Heartbeat():
+                pass
+            case p.Welcome():
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(frame)
+            case p.Error(rid, code, message, leader):
+                self._on_error(rid, code, message, leader)
+
+    def _on_error(self, rid: int, code: p.ErrorCode, message: str, leader: str) -> None:
+        error = error_from_code(code, message, leader or None)
+        if isinstance(error, NotLeaderError):
+            self._reconnect(f"node {self.node_id} is not the leader", error.leader_endpoint)
+            return  # the request stays in flight and is re-sent to the leader
+        if isinstance(error, SessionUnknownError):
+            # The node restarted or forgot us: say HELLO again, re-subscribe, re-send what is in flight.
+            if self.state is ConnectionState.READY:
+                self.state = ConnectionState.CONNECTING
+                self._reconnecting = asyncio.create_task(self._reconnect_loop(), name="zbroker-rehello")
+            return
+        request = self._inflight.get(rid)
+        if request is None:
+            log.warning("node %s refused a frame: %s", self.node_id, message)
+            return
+        if error.retriable:
+            return  # re-sent by the keepalive timer
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    async def wait_ready(self) -> None:
+        """Wait until the connection has a session with a node."""
+        await self._ready.wait()
