@@ -44,7 +44,8 @@ _META = struct.Struct(
     ">QQQIQQ"
 )  # applied_index, next_seq, next_token, next_chan_id, pid_bucket, last_time_ms
 _CHANNEL = struct.Struct(">I11Q")
-_READ_CFS = frozenset({Cf.PIDS, Cf.DEDUP, Cf.READY, Cf.DELAYED, Cf.MESSAGES})
+# Column families that applying reads back; their pending writes are mirrored in ``_overlays``.
+_READ_CFS = (Cf.PIDS, Cf.DEDUP, Cf.READY, Cf.DELAYED)
 EXPIRE_DEDUP_BATCH = 10_000
 MAX_BACKOFF_SHIFT = 30
 _MISSING = object()
@@ -200,7 +201,7 @@ class QueueState:
         self.subscription_inflight: dict[tuple[bytes, int], int] = {}
         self._dirty: set[int] = set()
         self._batch: Batch = store.batch()
-        self._overlay: dict[tuple[Cf, bytes], bytes | None] = {}
+        self._overlays: dict[Cf, dict[bytes, bytes | None]] = {cf: {} for cf in _READ_CFS}
         self._load()
 
     # ------------------------------------------------------------------ loading and writing
@@ -243,23 +244,26 @@ class QueueState:
         )
         self.store.write(self._batch, sync=False)
         self._batch = self.store.batch()
-        self._overlay.clear()
+        for overlay in self._overlays.values():
+            overlay.clear()
 
     def _get(self, cf: Cf, key: bytes) -> bytes | None:
-        hit = self._overlay.get((cf, key), _MISSING)
+        hit = self._overlays[cf].get(key, _MISSING)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
         return self.store.get(cf, key)
 
     def _put(self, cf: Cf, key: bytes, value: bytes) -> None:
         self._batch.put(cf, key, value)
-        if cf in _READ_CFS:
-            self._overlay[(cf, key)] = value
+        overlay = self._overlays.get(cf)
+        if overlay is not None:
+            overlay[key] = value
 
     def _delete(self, cf: Cf, key: bytes) -> None:
         self._batch.delete(cf, key)
-        if cf in _READ_CFS:
-            self._overlay[(cf, key)] = None
+        overlay = self._overlays.get(cf)
+        if overlay is not None:
+            overlay[key] = None
 
     # ------------------------------------------------------------------ applying
 
@@ -328,49 +332,55 @@ class QueueState:
         return channel
 
     def _produce(self, item: ProduceItem, now_ms: int) -> ProduceOutcome:
-        cur_key = k.pid_key(self.pid_bucket, item.produce_id)
-        known = self._get(Cf.PIDS, cur_key)
+        produce_id = item.produce_id
+        pid_key = k.pid_key(self.pid_bucket, produce_id)
+        known = self._get(Cf.PIDS, pid_key)
         if known is None and self.pid_bucket:
-            known = self._get(Cf.PIDS, k.pid_key(self.pid_bucket - 1, item.produce_id))
+            known = self._get(Cf.PIDS, k.pid_key(self.pid_bucket - 1, produce_id))
         if known is not None:
             duplicate, message_id = k.unpack_pid(known)
             return ProduceOutcome(message_id, duplicate)
-        problem = channel_name_problem(item.channel)
-        if problem is not None:
-            return ProduceOutcome(item.produce_id, False, ErrorCode.INVALID_CHANNEL, problem)
-        channel = self._channel(item.channel, create=True)
-        assert channel is not None
-        self._dirty.add(channel.chan_id)
+        channel = self.channels.get(item.channel)
+        if channel is None:
+            problem = channel_name_problem(item.channel)
+            if problem is not None:
+                return ProduceOutcome(produce_id, False, ErrorCode.INVALID_CHANNEL, problem)
+            channel = self._channel(item.channel, create=True)
+            assert channel is not None
         if item.dedup_ms > 0:
-            dedup_hash = item.dedup_hash or hashlib.sha256(item.body).digest()
-            dkey = k.dedup_key(channel.chan_id, dedup_hash)
-            previous = self._get(Cf.DEDUP, dkey)
-            if previous is not None:
-                expires_ms, original_id = k.unpack_dedup(previous)
-                if expires_ms > now_ms:
-                    channel.duplicates_total += 1
-                    self._put(Cf.PIDS, cur_key, k.pack_pid(True, original_id))
-                    return ProduceOutcome(original_id, True)
-                self._batch.delete(
-                    Cf.DEDUP_EXPIRY, k.dedup_expiry_key(expires_ms, channel.chan_id, dedup_hash)
-                )
-            expires_ms = now_ms + item.dedup_ms
-            self._put(Cf.DEDUP, dkey, k.pack_dedup(expires_ms, item.produce_id))
-            self._batch.put(Cf.DEDUP_EXPIRY, k.dedup_expiry_key(expires_ms, channel.chan_id, dedup_hash), b"")
+            original_id = self._deduplicate(channel, item, now_ms)
+            if original_id is not None:
+                channel.duplicates_total += 1
+                self._put(Cf.PIDS, pid_key, k.pack_pid(True, original_id))
+                return ProduceOutcome(original_id, True)
         seq = self.next_seq
-        self.next_seq += 1
-        self._put(
-            Cf.MESSAGES,
-            k.message_key(channel.chan_id, seq),
-            k.pack_message(now_ms, item.priority, item.produce_id, item.body),
+        self.next_seq = seq + 1
+        chan_id = channel.chan_id
+        self._batch.put(
+            Cf.MESSAGES, k.message_key(chan_id, seq), k.pack_message(now_ms, item.priority, produce_id, item.body)
         )
         if item.delay_ms > 0:
             self._insert_delayed(channel, now_ms + item.delay_ms, seq, item.priority, 0)
         else:
             self._insert_ready(channel, item.priority, now_ms, seq, 0)
-        self._put(Cf.PIDS, cur_key, k.pack_pid(False, item.produce_id))
+        self._put(Cf.PIDS, pid_key, k.pack_pid(False, produce_id))
         channel.produced_total += 1
-        return ProduceOutcome(item.produce_id, False)
+        return ProduceOutcome(produce_id, False)
+
+    def _deduplicate(self, channel: ChannelState, item: ProduceItem, now_ms: int) -> str | None:
+        """The original message id if ``item`` repeats one within its window; else start a window."""
+        dedup_hash = item.dedup_hash or hashlib.sha256(item.body).digest()
+        dkey = k.dedup_key(channel.chan_id, dedup_hash)
+        previous = self._get(Cf.DEDUP, dkey)
+        if previous is not None:
+            expires_ms, original_id = k.unpack_dedup(previous)
+            if expires_ms > now_ms:
+                return original_id
+            self._batch.delete(Cf.DEDUP_EXPIRY, k.dedup_expiry_key(expires_ms, channel.chan_id, dedup_hash))
+        expires_ms = now_ms + item.dedup_ms
+        self._put(Cf.DEDUP, dkey, k.pack_dedup(expires_ms, item.produce_id))
+        self._batch.put(Cf.DEDUP_EXPIRY, k.dedup_expiry_key(expires_ms, channel.chan_id, dedup_hash), b"")
+        return None
 
     def _insert_ready(
         self, channel: ChannelState, priority: int, ready_ms: int, seq: int, attempts: int

@@ -29,6 +29,7 @@ from broker import protocol as p
 from client.errors import (
     BrokerConnectionError,
     BrokerError,
+    BrokerTimeoutError,
     NotLeaderError,
     SessionUnknownError,
     error_from_code,
@@ -41,6 +42,7 @@ RESEND_AFTER_S = 3.0
 CONNECT_TIMEOUT_S = 2.0
 MAX_BATCH_ITEMS = 1000
 RETRY_PAUSE_S = 0.05
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
 
 
@@ -54,6 +56,15 @@ class ConnectionState(Enum):
 
 
 @dataclass(slots=True)
+class _Item:
+    """One produce, ack or nack waiting to be batched, with the caller's future."""
+
+    wire: Any
+    future: asyncio.Future[Any]
+    deadline: float
+
+
+@dataclass(slots=True)
 class _Request:
     """A frame awaiting its reply; re-sent as is until answered."""
 
@@ -61,14 +72,7 @@ class _Request:
     payload: dict[str, Any]
     future: asyncio.Future[dict[str, Any]]
     sent_at: float = 0.0
-
-
-@dataclass(slots=True)
-class _Item:
-    """One produce, ack or nack waiting to be batched, with the caller's future."""
-
-    wire: Any
-    future: asyncio.Future[Any]
+    items: list[_Item] | None = None
 
 
 @dataclass(slots=True)
@@ -242,8 +246,16 @@ class Connection:
                 continue
             self._send(p.HEARTBEAT_FRAME)
             for rid, request in list(self._inflight.items()):
+                if request.items is not None:
+                    self._expire_items(request.items, now)
                 if now - request.sent_at > RESEND_AFTER_S:
                     self._send_request(rid, request)
+
+    @staticmethod
+    def _expire_items(items: list[_Item], now: float) -> None:
+        for item in items:
+            if item.deadline <= now and not item.future.done():
+                item.future.set_exception(BrokerTimeoutError("no answer from the cluster in time"))
 
     # ------------------------------------------------------------------ sending
 
@@ -260,27 +272,40 @@ class Connection:
         request.sent_at = time.monotonic()
         self._send(p.encode(request.command, {"rid": rid, **request.payload}))
 
-    async def request(self, command: p.Command, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its reply (re-sent after reconnects; the caller times it out)."""
+    async def request(
+        self,
+        command: p.Command,
+        payload: dict[str, Any],
+        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        items: list[_Item] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request and wait for its reply, re-sending it after reconnects, up to ``timeout_s``."""
         if self.state is ConnectionState.CLOSED:
             raise BrokerConnectionError("the connection is closed")
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         rid = next(self._rids)
-        request = _Request(command, payload, future)
+        request = _Request(command, payload, future, items=items)
         self._inflight[rid] = request
         self._send_request(rid, request)
         try:
-            return await future
+            return await asyncio.wait_for(future, max(timeout_s, 0.001))
+        except TimeoutError:
+            raise BrokerTimeoutError(
+                f"{command.name} got no answer from the cluster within {timeout_s:g}s "
+                f"(last node: {self.node_id or 'none'})"
+            ) from None
         finally:
             self._inflight.pop(rid, None)
 
-    def enqueue(self, command: p.Command, wire: Any) -> asyncio.Future[Any]:
+    def enqueue(
+        self, command: p.Command, wire: Any, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    ) -> asyncio.Future[Any]:
         """Add one item to this loop iteration's PRODUCE, ACK or NACK batch."""
         if self.state is ConnectionState.CLOSED:
             raise BrokerConnectionError("the connection is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batcher = self._batchers[command]
-        batcher.items.append(_Item(wire, future))
+        batcher.items.append(_Item(wire, future, time.monotonic() + timeout_s))
         if not batcher.scheduled:
             batcher.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_batch, batcher)
@@ -293,7 +318,7 @@ class Connection:
         while items:
             chunk, size = [], 0
             for item in items:
-                item_bytes = len(item.wire["body"]) if batcher.command is p.Command.PRODUCE else 32
+                item_bytes = len(item.wire[2]) if batcher.command is p.Command.PRODUCE else 32
                 if chunk and (len(chunk) >= MAX_BATCH_ITEMS or size + item_bytes > self.max_message_bytes):
                     break
                 chunk.append(item)
@@ -303,8 +328,9 @@ class Connection:
 
     async def _send_batch(self, command: p.Command, chunk: list[_Item]) -> None:
         """Send one batch; route each item's answer to its future, re-queue retriable failures."""
+        timeout_s = max(item.deadline for item in chunk) - time.monotonic()
         try:
-            reply = await self.request(command, {"items": [item.wire for item in chunk]})
+            reply = await self.request(command, {"items": [item.wire for item in chunk]}, timeout_s, chunk)
         except BrokerError as exc:
             for item in chunk:
                 if not item.future.done():

@@ -1,20 +1,20 @@
 """The one exception tree of zbroker, and the table that maps wire error codes to it.
 
-    BrokerError                      root; ``retriable`` says whether trying again may succeed
-    ├── BrokerConnectionError        no node answered (retriable)
-    ├── BrokerTimeoutError           gave up after ``timeout`` (also a ``TimeoutError``)
-    ├── NotLeaderError               the node is not the leader; carries the leader's endpoint (retriable)
-    ├── UnavailableError             the node cannot serve now, e.g. shutting down (retriable)
-    ├── SessionUnknownError          the node does not know this session any more (retriable)
-    ├── ProtocolError                a frame was malformed, of an unknown kind or version
-    ├── InvalidChannelError          a channel name breaks the naming rules
-    ├── MessageTooLargeError         a message is larger than the node's ``max_message_bytes``
-    ├── InvalidArgumentError         an argument has the wrong type or range
-    ├── PayloadValidationError       a payload does not match the channel's type (raised before sending)
-    ├── StaleLeaseError              an ack or nack for a lease that expired or moved to another worker
-    ├── NotFoundError                the named queue or object does not exist
-    ├── ConfigError                  a configuration file or variable is invalid
-    └── InternalError                the node failed in a way it did not expect
+BrokerError                      root; ``retriable`` says whether trying again may succeed
+├── BrokerConnectionError        no node answered (retriable)
+├── BrokerTimeoutError           gave up after ``timeout`` (also a ``TimeoutError``)
+├── NotLeaderError               the node is not the leader; carries the leader's endpoint (retriable)
+├── UnavailableError             the node cannot serve now, e.g. shutting down (retriable)
+├── SessionUnknownError          the node does not know this session any more (retriable)
+├── ProtocolError                a frame was malformed, of an unknown kind or version
+├── InvalidChannelError          a channel name breaks the naming rules
+├── MessageTooLargeError         a message is larger than the node's ``max_message_bytes``
+├── InvalidArgumentError         an argument has the wrong type or range
+├── PayloadValidationError       a payload does not match the channel's type (raised before sending)
+├── StaleLeaseError              an ack or nack for a lease that expired or moved to another worker
+├── NotFoundError                the named queue or object does not exist
+├── ConfigError                  a configuration file or variable is invalid
+└── InternalError                the node failed in a way it did not expect
 """
 
 from __future__ import annotations

@@ -1,0 +1,5 @@
+"""``python -m broker`` is ``brokerctl``."""
+
+from broker.cli import main
+
+main()
