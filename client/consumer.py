@@ -24,6 +24,7 @@ Handler = Callable[..., Awaitable[None] | None]
 log = logging.getLogger("zbroker.consumer")
 
 SETTLE_TIMEOUT_S = 30.0
+UNSUBSCRIBE_TIMEOUT_S = 5.0
 
 
 class ConsumerState(enum.Enum):
@@ -207,11 +208,10 @@ class Consumer(Generic[T]):
             return
         self.state = ConsumerState.CLOSING
         try:
-            await asyncio.wait_for(
-                self.queue.connection.request(p.Command.UNSUBSCRIBE, {"sub": self.subscription_id}),
-                SETTLE_TIMEOUT_S,
+            await self.queue.connection.request(
+                p.Command.UNSUBSCRIBE, {"sub": self.subscription_id}, UNSUBSCRIBE_TIMEOUT_S
             )
-        except (BrokerError, TimeoutError) as exc:
+        except BrokerError as exc:
             log.warning("unsubscribe of %s failed: %s", self.channel.name, exc)
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
