@@ -106,10 +106,7 @@ class Consumer(Generic[T]):
     async def start(self) -> None:
         """Subscribe; deliveries start flowing right after."""
         try:
-            await asyncio.wait_for(
-                self.queue.connection.request(p.Command.SUBSCRIBE, self._subscribe_payload()),
-                SETTLE_TIMEOUT_S,
-            )
+            await self.queue.connection.request(p.Command.SUBSCRIBE, self._subscribe_payload(), SETTLE_TIMEOUT_S)
         except BaseException:
             self.queue.unregister(self.subscription_id)
             raise
