@@ -93,7 +93,7 @@ class Node:
         self._durable_applied = self.state.applied_index
         self._replay()
         self.scheduler.adopt_leased_sessions(now_ms())
-        self.context = zmq.Context.instance()
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -158,9 +158,9 @@ class Node:
         if turn.produce:
             turn.add(ProduceCmd(tuple(turn.produce)), self._answer_produce(turn.produce_waiters))
         if turn.acks:
-            command = AckCmd(tuple(turn.acks))
-            self.scheduler.note_settle(command)
-            turn.add(command, self._answer_acks(turn.ack_waiters))
+            ack = AckCmd(tuple(turn.acks))
+            self.scheduler.note_settle(ack)
+            turn.add(ack, self._answer_acks(turn.ack_waiters))
         if turn.nacks:
             nack = NackCmd(tuple(turn.nacks))
             self.scheduler.note_settle(nack)
@@ -347,7 +347,7 @@ class Node:
             assert isinstance(result, list)
             position = 0
             for routing_id, rid, count in waiters:
-                codes = [int(code) for code in result[position : position + count]]
+                codes = [int(code) for code in result[position : position + count]]  # type: ignore[arg-type]
                 position += count
                 self._send(routing_id, p.encode_reply(rid, {"codes": codes}))
 

@@ -457,7 +457,9 @@ def _produce_item_error(fields: _Fields, row: Any, index: int) -> FrameError:
     if not isinstance(row[2], bytes):
         return item.fail("field 'body' must be binary")
     if row[6] is not None and not (isinstance(row[6], bytes) and 0 < len(row[6]) <= MAX_HASH_BYTES):
-        return item.fail(f"field 'hash' must be null or 1..{MAX_HASH_BYTES} bytes of binary", ErrorCode.INVALID_ARGUMENT)
+        return item.fail(
+            f"field 'hash' must be null or 1..{MAX_HASH_BYTES} bytes of binary", ErrorCode.INVALID_ARGUMENT
+        )
     try:
         if not item.string("id", MAX_PRODUCE_ID_CHARS):
             return item.fail("field 'id' must not be empty", ErrorCode.INVALID_ARGUMENT)

@@ -357,7 +357,9 @@ class QueueState:
         self.next_seq = seq + 1
         chan_id = channel.chan_id
         self._batch.put(
-            Cf.MESSAGES, k.message_key(chan_id, seq), k.pack_message(now_ms, item.priority, produce_id, item.body)
+            Cf.MESSAGES,
+            k.message_key(chan_id, seq),
+            k.pack_message(now_ms, item.priority, produce_id, item.body),
         )
         if item.delay_ms > 0:
             self._insert_delayed(channel, now_ms + item.delay_ms, seq, item.priority, 0)
@@ -537,12 +539,10 @@ class QueueState:
         self._flush()
         start, end = k.chan_range(channel.chan_id)
         removed = 0
-        for cf, seq_of in (
-            (Cf.READY, lambda key: k.unpack_ready_key(key)[3]),
-            (Cf.DELAYED, lambda key: k.unpack_delayed_key(key)[2]),
-        ):
+        for cf in (Cf.READY, Cf.DELAYED):
             for key, _ in self.store.scan(cf, start, end):
-                self._batch.delete(Cf.MESSAGES, k.message_key(channel.chan_id, seq_of(key)))
+                seq = k.unpack_ready_key(key)[3] if cf is Cf.READY else k.unpack_delayed_key(key)[2]
+                self._batch.delete(Cf.MESSAGES, k.message_key(channel.chan_id, seq))
                 removed += 1
             self._batch.delete_range(cf, start, end)
         channel.ready = channel.delayed = 0

@@ -182,7 +182,7 @@ class Scheduler:
             else:
                 del self._granting[owner]
         for seq in pending.settled:
-            owner = self._pending_settled.pop(seq, None)
+            owner = self._pending_settled.pop(seq, None)  # type: ignore[arg-type]
             if owner is not None:
                 left = self._settling[owner] - 1
                 if left:
@@ -222,9 +222,9 @@ class Scheduler:
             if first is not None and k.split_dedup_expiry_key(first)[0] <= now_ms:
                 commands.append(ExpireDedupCmd(now_ms))
         for name, subscribers in self._subscribers.items():
-            channel = self.state.channels.get(name)
-            if channel is not None and channel.ready:
-                commands.extend(self._grant(channel, subscribers))
+            subscribed = self.state.channels.get(name)
+            if subscribed is not None and subscribed.ready:
+                commands.extend(self._grant(subscribed, subscribers))
         return commands
 
     def next_timer_ms(self, now_ms: int) -> int:

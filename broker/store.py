@@ -12,6 +12,7 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 from rocksdict import (
     Options,
@@ -166,7 +167,7 @@ class MemoryStore(Store):
 class RocksBatch(Batch):
     """A batch that writes straight into a rocksdict ``WriteBatch``."""
 
-    def __init__(self, handles: dict[Cf, object]) -> None:
+    def __init__(self, handles: dict[Cf, Any]) -> None:
         self._handles = handles
         self._batch = WriteBatch(raw_mode=True)
         self._ops = 0
@@ -219,7 +220,7 @@ class RocksStore(Store):
                 if cf.value in existing
                 else self._db.create_column_family(cf.value, _options(32 << 20 if cf is Cf.LOG else 8 << 20))
             )
-        self._handles: dict[Cf, object] = {cf: self._db.get_column_family_handle(cf.value) for cf in Cf}
+        self._handles: dict[Cf, Any] = {cf: self._db.get_column_family_handle(cf.value) for cf in Cf}
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nosync = WriteOptions()
@@ -243,21 +244,21 @@ class RocksStore(Store):
     def multi_get(self, cf: Cf, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
-        values: list[bytes | None] = self._families[cf].get(list(keys))
-        return values
+        return cast(list[bytes | None], self._families[cf].get(list(keys)))
 
     def scan(self, cf: Cf, start: bytes, end: bytes, limit: int = 0) -> Iterator[tuple[bytes, bytes]]:
         read_options = ReadOptions()
         read_options.set_iterate_upper_bound(end)
-        for produced, (key, value) in enumerate(
-            self._families[cf].items(from_key=start, read_opt=read_options), start=1
-        ):
+        items = cast(
+            Iterator[tuple[bytes, bytes]], self._families[cf].items(from_key=start, read_opt=read_options)
+        )
+        for produced, (key, value) in enumerate(items, start=1):
             yield key, value
             if produced == limit:
                 return
 
     def last_key(self, cf: Cf, start: bytes, end: bytes) -> bytes | None:
-        for key in self._families[cf].keys(backwards=True, from_key=end):
+        for key in cast(Iterator[bytes], self._families[cf].keys(backwards=True, from_key=end)):
             if key >= end:
                 continue
             return key if key >= start else None

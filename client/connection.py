@@ -316,7 +316,8 @@ class Connection:
         items = [item for item in batcher.items if not item.future.done()]
         batcher.items.clear()
         while items:
-            chunk, size = [], 0
+            chunk: list[_Item] = []
+            size = 0
             for item in items:
                 item_bytes = len(item.wire[2]) if batcher.command is p.Command.PRODUCE else 32
                 if chunk and (len(chunk) >= MAX_BATCH_ITEMS or size + item_bytes > self.max_message_bytes):

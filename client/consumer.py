@@ -106,7 +106,9 @@ class Consumer(Generic[T]):
     async def start(self) -> None:
         """Subscribe; deliveries start flowing right after."""
         try:
-            await self.queue.connection.request(p.Command.SUBSCRIBE, self._subscribe_payload(), SETTLE_TIMEOUT_S)
+            await self.queue.connection.request(
+                p.Command.SUBSCRIBE, self._subscribe_payload(), SETTLE_TIMEOUT_S
+            )
         except BaseException:
             self.queue.unregister(self.subscription_id)
             raise
@@ -159,7 +161,7 @@ class Consumer(Generic[T]):
             if self._async:
                 running = self.handler(*args)
             else:
-                running = asyncio.get_running_loop().run_in_executor(self._executor, self.handler, *args)
+                running = asyncio.get_running_loop().run_in_executor(self._executor, self.handler, *args)  # type: ignore[arg-type]
             if timeout is None:
                 await running  # type: ignore[misc]
             else:

@@ -240,7 +240,7 @@ class BrokerQueueChannel(Generic[T]):
         *,
         delay: Duration | None = None,
         priority: int = 0,
-        hash: str | bytes | int | None = None,  # noqa: A002 - the public API's name, as in Deepkit
+        hash: str | bytes | int | None = None,
         process: QueueMessageProcessing | None = None,
         deduplication_interval: Duration | None = None,
     ) -> list[Any]:
@@ -278,7 +278,7 @@ class BrokerQueueChannel(Generic[T]):
         *,
         delay: Duration | None = None,
         priority: int = 0,
-        hash: str | bytes | int | None = None,  # noqa: A002 - the public API's name, as in Deepkit
+        hash: str | bytes | int | None = None,
         process: QueueMessageProcessing | None = None,
         deduplication_interval: Duration | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
@@ -305,7 +305,7 @@ class BrokerQueueChannel(Generic[T]):
         return ProduceResult(message_id, bool(duplicate))
 
     async def consume(
-        self, handler: Handler[T], max_parallel: int = 1, *, processing_timeout: Duration | None = None
+        self, handler: Handler, max_parallel: int = 1, *, processing_timeout: Duration | None = None
     ) -> Consumer[T]:
         """Start consuming in the background with up to ``max_parallel`` messages at once."""
         if type(max_parallel) is not int or not 1 <= max_parallel <= 100_000:

@@ -41,7 +41,9 @@ class _LoopThread:
     def run(self, coro: Coroutine[Any, Any, R], timeout: float | None = None) -> R:
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("a blocking zbroker call was made from its own event loop; use client.BrokerQueue")
+            raise RuntimeError(
+                "a blocking zbroker call was made from its own event loop; use client.BrokerQueue"
+            )
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
@@ -63,7 +65,10 @@ class BrokerQueue:
         client_name: str | None = None,
     ) -> None:
         self._inner = async_queue.BrokerQueue(
-            endpoints, session_timeout=session_timeout, connect_timeout=connect_timeout, client_name=client_name
+            endpoints,
+            session_timeout=session_timeout,
+            connect_timeout=connect_timeout,
+            client_name=client_name,
         )
         self._loop: _LoopThread | None = None
 
@@ -127,7 +132,7 @@ class BrokerQueueChannel(Generic[T]):
         *,
         delay: Duration | None = None,
         priority: int = 0,
-        hash: str | bytes | int | None = None,  # noqa: A002 - the public API's name, as in Deepkit
+        hash: str | bytes | int | None = None,
         process: QueueMessageProcessing | None = None,
         deduplication_interval: Duration | None = None,
         timeout: float = async_queue.DEFAULT_TIMEOUT_S,
@@ -149,7 +154,9 @@ class BrokerQueueChannel(Generic[T]):
         self, handler: Handler, max_parallel: int = 1, *, processing_timeout: Duration | None = None
     ) -> Consumer[T]:
         """Start consuming in the background; returns at once."""
-        inner = self._queue._run(self._inner.consume(handler, max_parallel, processing_timeout=processing_timeout))
+        inner = self._queue._run(
+            self._inner.consume(handler, max_parallel, processing_timeout=processing_timeout)
+        )
         return Consumer(self._queue, inner)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client import BrokerQueue
-from tests.helpers.nodes import NodeProcess
+from broker.launcher import NodeProcess
 
 _names = itertools.count(1)
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from client import BrokerAdmin, BrokerQueue, QueueMessage, QueueMessageProcessing
-from tests.helpers.nodes import NodeProcess
+from client import BrokerAdmin, BrokerQueue, QueueMessageProcessing
+from broker.launcher import NodeProcess
 from tests.test_queue_basics import Collector
 
 
@@ -72,7 +72,9 @@ async def test_a_node_killed_after_10000_acknowledged_produces_loses_nothing(fre
         for start in range(0, 10_000, 1000):
             results = await asyncio.gather(*(channel.produce(i) for i in range(start, start + 1000)))
             assert not any(result.duplicate for result in results)
-        exactly = queue.channel(once, int, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h")
+        exactly = queue.channel(
+            once, int, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h"
+        )
         assert not any(r.duplicate for r in await asyncio.gather(*(exactly.produce(i) for i in range(100))))
         # And about 3,000 consumed and acked (close() returns once every ack is confirmed)
         handled: list[int] = []
@@ -118,7 +120,9 @@ async def test_a_node_killed_after_10000_acknowledged_produces_loses_nothing(fre
         attempts = {message.data: message.attempt for message in seen.messages}
         assert all(attempts[value] == 2 for value in held)
         # And the deduplication window survived the crash
-        exactly = queue.channel(once, int, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h")
+        exactly = queue.channel(
+            once, int, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h"
+        )
         again = await asyncio.gather(*(exactly.produce(i) for i in range(100)))
         assert all(result.duplicate for result in again)
     async with BrokerAdmin(fresh_node.endpoint) as admin:

@@ -99,7 +99,9 @@ async def test_pydantic_typeddict_and_plain_types_round_trip(
     assert type(received) is type(value)
 
 
-async def test_a_payload_of_the_wrong_type_is_refused_before_sending(queue: BrokerQueue, channel_name: str) -> None:
+async def test_a_payload_of_the_wrong_type_is_refused_before_sending(
+    queue: BrokerQueue, channel_name: str
+) -> None:
     # Given a User channel
     channel = queue.channel(channel_name, User)
     # When a wrongly typed payload is produced, then it is refused with a clear error
@@ -137,7 +139,9 @@ async def test_exactly_once_drops_an_identical_second_produce(queue: BrokerQueue
     assert seen.messages[1].id == marker.id
 
 
-async def test_after_the_interval_the_same_payload_is_consumed_again(queue: BrokerQueue, channel_name: str) -> None:
+async def test_after_the_interval_the_same_payload_is_consumed_again(
+    queue: BrokerQueue, channel_name: str
+) -> None:
     # Given an EXACTLY_ONCE channel with a short interval
     channel = queue.channel(
         channel_name, User, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="300ms"
@@ -180,7 +184,9 @@ async def test_per_produce_exactly_once_overrides_an_at_least_once_channel(
 
 async def test_per_produce_deduplication_interval(queue: BrokerQueue, channel_name: str) -> None:
     # Given an EXACTLY_ONCE channel with a long interval
-    channel = queue.channel(channel_name, User, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h")
+    channel = queue.channel(
+        channel_name, User, process=QueueMessageProcessing.EXACTLY_ONCE, deduplication_interval="1h"
+    )
     # When a produce sets its own short interval
     first = await channel.produce(User(id=1, username="Peter"), deduplication_interval="200ms")
     assert (await channel.produce(User(id=1, username="Peter"))).duplicate

@@ -9,7 +9,7 @@ import bson
 
 from broker import protocol as p
 from client import BrokerAdmin, BrokerQueue, QueueMessage
-from tests.helpers.nodes import NodeProcess
+from broker.launcher import NodeProcess
 from tests.helpers.raw import RawClient
 from tests.test_queue_basics import Collector
 

@@ -51,7 +51,9 @@ class RawClient:
         welcome: p.Welcome = self.recv_kind(p.Welcome)
         return welcome
 
-    def request(self, command: p.Command, payload: dict[str, Any], timeout_s: float = 5.0) -> p.Reply | p.Error:
+    def request(
+        self, command: p.Command, payload: dict[str, Any], timeout_s: float = 5.0
+    ) -> p.Reply | p.Error:
         rid = next(self._rids)
         self.send(command, {"rid": rid, **payload})
         import time
