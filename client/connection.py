@@ -4,15 +4,16 @@ Paranoid Pirate style: both sides heartbeat on the traffic socket and any frame 
 life; a node silent for ``LIVENESS`` heartbeats is abandoned for the next endpoint. Every request
 carries ids that make it safe to send again (produce ids, lease tokens), so after a reconnect, a
 NOT_LEADER answer or a lost frame the connection simply sends everything in flight again, until each
-caller's own timeout.
+caller's own deadline.
 
-Produces, acks and nacks issued in the same event-loop iteration travel in one frame.
+Produces, acks and nacks issued in the same event-loop iteration travel in one frame. The socket is a
+plain (non-asyncio) ZeroMQ socket whose file descriptor the event loop watches: replies resolve the
+callers' futures straight from the reader callback, with no task in between.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -23,7 +24,6 @@ from enum import Enum
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from broker import protocol as p
 from client.errors import (
@@ -44,6 +44,7 @@ MAX_BATCH_ITEMS = 1000
 RETRY_PAUSE_S = 0.05
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
+_BATCHED = (p.Command.PRODUCE, p.Command.ACK, p.Command.NACK)
 
 
 class ConnectionState(Enum):
@@ -57,7 +58,7 @@ class ConnectionState(Enum):
 
 @dataclass(slots=True)
 class _Item:
-    """One produce, ack or nack waiting to be batched, with the caller's future."""
+    """One produce, ack or nack in a batch, with its caller's future and deadline."""
 
     wire: Any
     future: asyncio.Future[Any]
@@ -66,13 +67,16 @@ class _Item:
 
 @dataclass(slots=True)
 class _Request:
-    """A frame awaiting its reply; re-sent as is until answered."""
+    """A frame awaiting its reply; re-sent as is until answered or past its deadline.
+
+    A single request resolves ``future`` with the reply; a batch resolves each item's future.
+    """
 
     command: p.Command
     payload: dict[str, Any]
-    future: asyncio.Future[dict[str, Any]]
-    sent_at: float = 0.0
+    future: asyncio.Future[dict[str, Any]] | None
     items: list[_Item] | None = None
+    sent_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -109,19 +113,16 @@ class Connection:
         self._on_deliver = on_deliver
         self._on_session = on_session
         self._endpoint_index = 0
-        self._context = zmq.asyncio.Context.instance()
-        self._socket: zmq.asyncio.Socket | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._socket: zmq.Socket[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._rids = itertools.count(1)
         self._inflight: dict[int, _Request] = {}
-        self._batchers = {
-            command: _Batcher(command) for command in (p.Command.PRODUCE, p.Command.ACK, p.Command.NACK)
-        }
+        self._batchers = {command: _Batcher(command) for command in _BATCHED}
         self._welcome: asyncio.Future[p.Welcome] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ready = asyncio.Event()
-        self._last_received = 0.0
-        self._last_sent = 0.0
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._last_received = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -129,10 +130,9 @@ class Connection:
         """Connect to the first node that answers; raise ``BrokerConnectionError`` if none does."""
         if self.state is not ConnectionState.IDLE:
             return
+        self._loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout_s
-        while True:
-            if await self._connect_once():
-                break
+        while not await self._connect_once():
             if time.monotonic() >= deadline:
                 self.state = ConnectionState.IDLE
                 raise BrokerConnectionError(
@@ -140,46 +140,38 @@ class Connection:
                     "is `brokerctl serve` running there?"
                 )
             self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
-        self._tasks.append(asyncio.create_task(self._keepalive(), name="zbroker-keepalive"))
+        self._keepalive_task = asyncio.create_task(self._keepalive(), name="zbroker-keepalive")
 
     async def close(self) -> None:
         """Say goodbye (the node releases this session's leases at once) and close the socket."""
         if self.state is ConnectionState.CLOSED:
             return
-        if self._socket is not None and self.state is ConnectionState.READY:
-            with contextlib.suppress(zmq.ZMQError):
-                await self._socket.send_multipart(p.BYE_FRAME, zmq.NOBLOCK)
+        if self.state is ConnectionState.READY:
+            self._send(p.BYE_FRAME)
         self.state = ConnectionState.CLOSED
-        for task in [*self._tasks, self._reconnecting]:
+        for task in (self._keepalive_task, self._reconnecting):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         self._close_socket()
         closed = BrokerConnectionError("the connection was closed")
         for request in self._inflight.values():
-            if not request.future.done():
-                request.future.set_exception(closed)
+            _fail_request(request, closed)
         self._inflight.clear()
         for batcher in self._batchers.values():
-            for item in batcher.items:
-                if not item.future.done():
-                    item.future.set_exception(closed)
+            _fail_items(batcher.items, closed)
             batcher.items.clear()
 
     def _close_socket(self) -> None:
         if self._socket is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._socket.FD)
             self._socket.close(0)
             self._socket = None
 
     async def _connect_once(self) -> bool:
         """Open a socket to the current endpoint and exchange HELLO/WELCOME."""
+        assert self._loop is not None
         self.state = ConnectionState.CONNECTING
-        self._ready.clear()
-        for task in self._tasks[1:]:
-            task.cancel()
-        del self._tasks[1:]
         self._close_socket()
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -190,15 +182,13 @@ class Connection:
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         socket.connect(self.endpoints[self._endpoint_index])
         self._socket = socket
-        reader = asyncio.create_task(self._read(socket), name="zbroker-reader")
-        self._tasks.append(reader)
-        self._welcome = asyncio.get_running_loop().create_future()
-        hello = p.encode_hello(int(self.session_timeout_s * 1000), self.client_name)
+        self._loop.add_reader(socket.FD, self._on_readable)
+        self._welcome = self._loop.create_future()
         try:
-            await socket.send_multipart(hello)
+            socket.send_multipart(p.encode_hello(int(self.session_timeout_s * 1000), self.client_name), zmq.NOBLOCK)
+            self._loop.call_soon(self._on_readable)
             welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
         except (TimeoutError, zmq.ZMQError):
-            reader.cancel()
             self._close_socket()
             return False
         self.node_id = welcome.node_id
@@ -206,10 +196,12 @@ class Connection:
         self.heartbeat_interval_s = max(welcome.heartbeat_interval_ms / 1000, 0.01)
         self._last_received = time.monotonic()
         self.state = ConnectionState.READY
-        self._ready.set()
         await self._on_session()
         for rid, request in list(self._inflight.items()):
             self._send_request(rid, request)
+        for batcher in self._batchers.values():
+            if batcher.items:
+                self._flush_batch(batcher)
         return True
 
     def _reconnect(self, reason: str, endpoint: str | None = None) -> None:
@@ -223,6 +215,7 @@ class Connection:
         elif len(self.endpoints) > 1:
             self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
         log.info("reconnecting to %s: %s", self.endpoints[self._endpoint_index], reason)
+        self.state = ConnectionState.CONNECTING
         self._reconnecting = asyncio.create_task(self._reconnect_loop(), name="zbroker-reconnect")
 
     async def _reconnect_loop(self) -> None:
@@ -235,56 +228,61 @@ class Connection:
             pause = min(pause * 2, 1.0)
 
     async def _keepalive(self) -> None:
-        """Send heartbeats, detect a silent node, re-send requests whose answer never came."""
+        """Send heartbeats, detect a silent node, re-send what was not answered, expire what is late."""
         while self.state is not ConnectionState.CLOSED:
-            await asyncio.sleep(self.heartbeat_interval_s)
-            if self.state is not ConnectionState.READY or self._socket is None:
-                continue
+            await asyncio.sleep(min(self.heartbeat_interval_s, 0.5))
+            self._on_readable()  # a safety net should a read edge ever be missed
             now = time.monotonic()
+            self._expire(now)
+            if self.state is not ConnectionState.READY:
+                continue
             if now - self._last_received > LIVENESS * self.heartbeat_interval_s:
                 self._reconnect(f"node {self.node_id} silent for {now - self._last_received:.1f}s")
                 continue
             self._send(p.HEARTBEAT_FRAME)
             for rid, request in list(self._inflight.items()):
-                if request.items is not None:
-                    self._expire_items(request.items, now)
                 if now - request.sent_at > RESEND_AFTER_S:
                     self._send_request(rid, request)
 
-    @staticmethod
-    def _expire_items(items: list[_Item], now: float) -> None:
-        for item in items:
-            if item.deadline <= now and not item.future.done():
-                item.future.set_exception(BrokerTimeoutError("no answer from the cluster in time"))
+    def _expire(self, now: float) -> None:
+        for rid, request in list(self._inflight.items()):
+            if request.items is None:
+                continue
+            for item in request.items:
+                if item.deadline <= now and not item.future.done():
+                    item.future.set_exception(BrokerTimeoutError("no answer from the cluster in time"))
+            if all(item.future.done() for item in request.items):
+                del self._inflight[rid]
 
     # ------------------------------------------------------------------ sending
 
     def _send(self, frames: list[bytes]) -> None:
-        if self._socket is None or self.state is not ConnectionState.READY:
+        socket = self._socket
+        if socket is None:
             return
         try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
-            self._last_sent = time.monotonic()
+            socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # queue full or socket gone: the resend timer tries again
             log.debug("send failed: %s", exc)
+            return
+        # Sending may consume the socket's read edge; look for replies that arrived meanwhile.
+        if int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN and self._loop is not None:
+            self._loop.call_soon(self._on_readable)
 
     def _send_request(self, rid: int, request: _Request) -> None:
         request.sent_at = time.monotonic()
-        self._send(p.encode(request.command, {"rid": rid, **request.payload}))
+        if self.state is ConnectionState.READY:
+            self._send(p.encode(request.command, {"rid": rid, **request.payload}))
 
     async def request(
-        self,
-        command: p.Command,
-        payload: dict[str, Any],
-        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-        items: list[_Item] | None = None,
+        self, command: p.Command, payload: dict[str, Any], timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     ) -> dict[str, Any]:
         """Send one request and wait for its reply, re-sending it after reconnects, up to ``timeout_s``."""
         if self.state is ConnectionState.CLOSED:
             raise BrokerConnectionError("the connection is closed")
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         rid = next(self._rids)
-        request = _Request(command, payload, future, items=items)
+        request = _Request(command, payload, future)
         self._inflight[rid] = request
         self._send_request(rid, request)
         try:
@@ -300,73 +298,58 @@ class Connection:
     def enqueue(
         self, command: p.Command, wire: Any, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     ) -> asyncio.Future[Any]:
-        """Add one item to this loop iteration's PRODUCE, ACK or NACK batch."""
+        """Add one item to this loop iteration's PRODUCE, ACK or NACK batch; its future gets the answer."""
         if self.state is ConnectionState.CLOSED:
             raise BrokerConnectionError("the connection is closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
         batcher = self._batchers[command]
         batcher.items.append(_Item(wire, future, time.monotonic() + timeout_s))
         if not batcher.scheduled:
             batcher.scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_batch, batcher)
+            self._loop.call_soon(self._flush_batch, batcher)
         return future
 
     def _flush_batch(self, batcher: _Batcher) -> None:
         batcher.scheduled = False
+        if self.state is not ConnectionState.READY:
+            return  # sent by _connect_once once a session exists
         items = [item for item in batcher.items if not item.future.done()]
         batcher.items.clear()
+        measure = batcher.command is p.Command.PRODUCE
         while items:
             chunk: list[_Item] = []
             size = 0
             for item in items:
-                item_bytes = len(item.wire[2]) if batcher.command is p.Command.PRODUCE else 32
+                item_bytes = len(item.wire[2]) if measure else 32
                 if chunk and (len(chunk) >= MAX_BATCH_ITEMS or size + item_bytes > self.max_message_bytes):
                     break
                 chunk.append(item)
                 size += item_bytes
             items = items[len(chunk) :]
-            asyncio.create_task(self._send_batch(batcher.command, chunk))
+            rid = next(self._rids)
+            request = _Request(batcher.command, {"items": [item.wire for item in chunk]}, None, chunk)
+            self._inflight[rid] = request
+            self._send_request(rid, request)
 
-    async def _send_batch(self, command: p.Command, chunk: list[_Item]) -> None:
-        """Send one batch; route each item's answer to its future, re-queue retriable failures."""
-        timeout_s = max(item.deadline for item in chunk) - time.monotonic()
-        try:
-            reply = await self.request(command, {"items": [item.wire for item in chunk]}, timeout_s, chunk)
-        except BrokerError as exc:
-            for item in chunk:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        answers = reply.get("r") if command is p.Command.PRODUCE else reply.get("codes")
-        if not isinstance(answers, list) or len(answers) != len(chunk):
-            error = BrokerError(f"the node answered {command.name} with a malformed reply")
-            for item in chunk:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
-        retry: list[_Item] = []
-        for item, answer in zip(chunk, answers, strict=True):
-            if item.future.done():
-                continue
-            code = answer[2] if command is p.Command.PRODUCE else answer
-            if code in _RETRIABLE_CODES:
-                retry.append(item)
-            else:
-                item.future.set_result(answer)
-        if retry:
-            await asyncio.sleep(RETRY_PAUSE_S)
-            for item in retry:
-                self._batchers[command].items.append(item)
-            self._flush_batch(self._batchers[command])
+    def _retry_later(self, command: p.Command, items: list[_Item]) -> None:
+        def requeue() -> None:
+            batcher = self._batchers[command]
+            batcher.items.extend(items)
+            self._flush_batch(batcher)
+
+        assert self._loop is not None
+        self._loop.call_later(RETRY_PAUSE_S, requeue)
 
     # ------------------------------------------------------------------ receiving
 
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
+    def _on_readable(self) -> None:
+        socket = self._socket
+        while socket is not None and socket is self._socket:
             try:
-                frames = await socket.recv_multipart()
-            except asyncio.CancelledError:
-                raise
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
             except zmq.ZMQError:
                 return
             self._last_received = time.monotonic()
@@ -375,7 +358,10 @@ class Connection:
             except p.FrameError as exc:
                 log.warning("ignored a malformed frame from the node: %s", exc.message)
                 continue
-            self._dispatch(frame)
+            try:
+                self._dispatch(frame)
+            except Exception:  # a bug in one answer must not stop the reader
+                log.exception("failed to handle a frame from the node")
 
     def _dispatch(self, frame: p.NodeFrame) -> None:
         match frame:
@@ -383,8 +369,14 @@ class Connection:
                 self._on_deliver(frame)
             case p.Reply(rid, result):
                 request = self._inflight.get(rid)
-                if request is not None and not request.future.done():
-                    request.future.set_result(result)
+                if request is None:
+                    return
+                if request.items is None:
+                    if request.future is not None and not request.future.done():
+                        request.future.set_result(result)
+                    return
+                del self._inflight[rid]
+                self._answer_items(request, result)
             case p.Heartbeat():
                 pass
             case p.Welcome():
@@ -392,6 +384,25 @@ class Connection:
                     self._welcome.set_result(frame)
             case p.Error(rid, code, message, leader):
                 self._on_error(rid, code, message, leader)
+
+    def _answer_items(self, request: _Request, result: dict[str, Any]) -> None:
+        assert request.items is not None
+        is_produce = request.command is p.Command.PRODUCE
+        answers = result.get("r") if is_produce else result.get("codes")
+        if not isinstance(answers, list) or len(answers) != len(request.items):
+            _fail_items(request.items, BrokerError(f"the node answered {request.command.name} with a malformed reply"))
+            return
+        retry: list[_Item] = []
+        for item, answer in zip(request.items, answers, strict=True):
+            if item.future.done():
+                continue
+            code = answer[2] if is_produce else answer
+            if code in _RETRIABLE_CODES:
+                retry.append(item)
+            else:
+                item.future.set_result(answer)
+        if retry:
+            self._retry_later(request.command, retry)
 
     def _on_error(self, rid: int, code: p.ErrorCode, message: str, leader: str) -> None:
         error = error_from_code(code, message, leader or None)
@@ -410,9 +421,18 @@ class Connection:
             return
         if error.retriable:
             return  # re-sent by the keepalive timer
-        if not request.future.done():
-            request.future.set_exception(error)
+        del self._inflight[rid]
+        _fail_request(request, error)
 
-    async def wait_ready(self) -> None:
-        """Wait until the connection has a session with a node."""
-        await self._ready.wait()
+
+def _fail_items(items: list[_Item], error: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _fail_request(request: _Request, error: BaseException) -> None:
+    if request.future is not None and not request.future.done():
+        request.future.set_exception(error)
+    if request.items is not None:
+        _fail_items(request.items, error)
