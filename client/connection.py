@@ -41,6 +41,7 @@ LIVENESS = 3
 RESEND_AFTER_S = 3.0
 CONNECT_TIMEOUT_S = 2.0
 MAX_BATCH_ITEMS = 1000
+EARLY_FLUSH_ITEMS = 32
 RETRY_PAUSE_S = 0.05
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 _RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
@@ -305,7 +306,10 @@ class Connection:
         future: asyncio.Future[Any] = self._loop.create_future()
         batcher = self._batchers[command]
         batcher.items.append(_Item(wire, future, time.monotonic() + timeout_s))
-        if not batcher.scheduled:
+        if len(batcher.items) >= EARLY_FLUSH_ITEMS:
+            # Send part of a large burst now so the node works on it while the rest is being prepared.
+            self._flush_batch(batcher)
+        elif not batcher.scheduled:
             batcher.scheduled = True
             self._loop.call_soon(self._flush_batch, batcher)
         return future

@@ -1,0 +1,273 @@
+"""Guarantee 7, bad input is refused, not fatal: garbage frames against a real node process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import bson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import protocol as p
+from client import BrokerQueue, MessageTooLargeError
+from tests.helpers.nodes import NodeProcess
+from tests.helpers.raw import RawClient
+
+E = p.ErrorCode
+C = p.Command
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024**2
+RECEIVE_TIMEOUT_S = 5.0
+BODY = bson.encode({"v": "hello"})
+EMPTY = bson.encode({})
+_rids = itertools.count(3_000_000_001)  # far from the small and boundary rids hypothesis favours
+
+
+@dataclasses.dataclass
+class Stored:
+    n: int
+    text: str
+    blob: bytes
+
+
+@pytest.fixture(scope="module")
+def small_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """A node that accepts message bodies of at most 2 KiB."""
+    process = NodeProcess(tmp_path_factory.mktemp("small"), session_timeout="2s", max_message_bytes=2048)
+    yield process.start()
+    process.stop()
+
+
+@contextlib.contextmanager
+def raw_client(node: NodeProcess) -> Iterator[RawClient]:
+    client = RawClient(node.endpoint)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def raw(node: NodeProcess) -> Iterator[RawClient]:
+    """A bare DEALER on the module's node, without a session."""
+    with raw_client(node) as client:
+        yield client
+
+
+def receive(raw: RawClient, node: NodeProcess, wanted: Callable[[p.NodeFrame], bool]) -> p.NodeFrame:
+    """The next frame ``wanted`` accepts; fails at once when the node process has died."""
+    deadline = time.monotonic() + RECEIVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert node.process is not None and node.process.poll() is None, (
+            f"the node died:\n{node.log_text()[-3000:]}"
+        )
+        if raw.socket.poll(50):
+            frame = p.decode_node(raw.socket.recv_multipart())
+            if wanted(frame):
+                return frame
+    raise AssertionError(f"no expected answer within {RECEIVE_TIMEOUT_S}s")
+
+
+def request(raw: RawClient, node: NodeProcess, command: C, payload: dict[str, Any]) -> p.Reply | p.Error:
+    rid = next(_rids)
+    raw.send(command, {"rid": rid, **payload})
+    answer = receive(raw, node, lambda f: isinstance(f, p.Reply | p.Error) and f.request_id == rid)
+    assert isinstance(answer, p.Reply | p.Error)
+    return answer
+
+
+def admin(raw: RawClient, node: NodeProcess, op: str, **args: Any) -> dict[str, Any]:
+    answer = request(raw, node, C.ADMIN, {"op": op, "args": args})
+    assert isinstance(answer, p.Reply), answer
+    return answer.result
+
+
+def row(produce_id: str, channel: str = "bad-input/ok", body: bytes = BODY) -> list[Any]:
+    return [produce_id, channel, body, 0, 0, 0, None]
+
+
+def nested_document(depth: int) -> bytes:
+    """A BSON document nested ``depth`` levels deep, built by hand (bson.encode would recurse)."""
+    doc = EMPTY
+    for _ in range(depth):
+        element = b"\x03a\x00" + doc
+        doc = struct.pack("<i", len(element) + 5) + element + b"\x00"
+    return doc
+
+
+# --------------------------------------------------------------------------- strategies
+
+FIELDS = ["rid", "items", "sub", "channel", "op", "args", "name", "n", "session_timeout_ms", "client"]
+FIELDS += ["max_parallel", "max_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "processing_timeout_ms"]
+keys = st.sampled_from(FIELDS) | st.text(st.characters(exclude_characters="\x00"), max_size=6)
+ints = st.integers(-(2**63), 2**63 - 1)
+scalars = st.none() | st.booleans() | ints | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
+)
+documents = st.dictionaries(keys, values, max_size=6)
+rids = st.integers(0, 2**32) | scalars
+channels = st.from_regex(r"fuzz/[a-z0-9_.:\-]{1,12}", fullmatch=True) | st.text(max_size=30) | scalars
+bodies = st.builds(lambda v: bson.encode({"v": v}), values) | st.binary(max_size=40) | scalars
+produce_items = st.tuples(
+    st.text(max_size=70) | scalars,
+    channels,
+    bodies,
+    st.integers(-(2**31) - 1, 2**31) | scalars,
+    st.integers(-1, 2**40) | scalars,
+    st.integers(-1, 2**40) | scalars,
+    st.none() | st.binary(max_size=300) | scalars,
+).map(list) | values
+lease_refs = st.lists(ints, max_size=3) | st.tuples(ints, ints, scalars, st.text(max_size=1100)).map(list)
+ADMIN_OPS = ["ping", "queues", "stats", "peek", "dead_letters", "purge", "requeue_dead", "purge_dead"]
+admin_args = st.fixed_dictionaries({}, optional={"name": channels, "n": st.integers(-2, 1002) | scalars})
+PAYLOADS = {
+    C.PRODUCE: st.fixed_dictionaries({"rid": rids, "items": st.lists(produce_items, max_size=5)}),
+    C.ACK: st.fixed_dictionaries({"rid": rids, "items": st.lists(lease_refs | values, max_size=5)}),
+    C.NACK: st.fixed_dictionaries({"rid": rids, "items": st.lists(lease_refs | values, max_size=5)}),
+    C.ADMIN: st.fixed_dictionaries(
+        {"rid": rids, "op": st.sampled_from(ADMIN_OPS) | st.text(max_size=70) | scalars},
+        optional={"args": admin_args | values},
+    ),
+    C.SUBSCRIBE: st.fixed_dictionaries({"rid": rids, "sub": rids, "channel": channels}, optional=dict.fromkeys(FIELDS[8:], ints)),
+}
+HUGE = [  # prebuilt: big arrays are slow to generate and shrink
+    p.encode(C.PRODUCE, {"rid": 7, "items": list(range(p.MAX_BATCH_ITEMS + 1))}),
+    p.encode(C.ACK, {"rid": 8, "items": [[i, i] for i in range(p.MAX_BATCH_ITEMS)]}),
+    p.encode(C.PRODUCE, {"rid": 9, "items": [row(f"h{i}", "no space allowed") for i in range(2000)]}),
+    p.encode(C.HEARTBEAT, {"junk": list(range(50_000))}),
+]
+client_headers = st.sampled_from([c for c in C if c < C.WELCOME]).map(lambda c: p.MAGIC + bytes((1, c)))
+bad_headers = st.binary(max_size=8) | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
+    lambda vc: p.MAGIC + bytes(vc)
+)
+frames = st.one_of(
+    st.lists(st.binary(max_size=64), min_size=1, max_size=5),
+    st.tuples(bad_headers, documents.map(bson.encode)).map(list),
+    st.tuples(client_headers, st.sampled_from([0, 2, 4])).map(lambda hc: [hc[0], *[EMPTY] * hc[1]]),
+    st.tuples(client_headers, st.binary(max_size=64) | st.integers(1, 3000).map(nested_document)).map(list),
+    st.tuples(client_headers, documents.map(bson.encode)).map(list),
+    st.sampled_from(list(PAYLOADS)).flatmap(lambda c: PAYLOADS[c].map(lambda doc: p.encode(c, doc))),
+    st.sampled_from(HUGE),
+)
+
+
+def item_code(item: p.ProduceItem) -> E:
+    """The per-item verdict the node must give a produce item that passed frame decoding."""
+    if p.channel_name_problem(item.channel) is not None:
+        return E.INVALID_CHANNEL
+    if len(item.body) > DEFAULT_MAX_MESSAGE_BYTES:
+        return E.MESSAGE_TOO_LARGE
+    return E.OK if bson.is_valid(item.body) else E.INVALID_PAYLOAD
+
+
+def check_answer(parts: list[bytes], answer: p.NodeFrame | None) -> bool:
+    """Assert ``answer`` is what the node owes ``parts``; True when the node must count a rejection."""
+    try:
+        frame = p.decode_client(parts)
+    except p.FrameError as exc:
+        assert isinstance(answer, p.Error), f"{exc.message} was answered with {answer}"
+        assert (answer.code, answer.request_id) == (exc.code, exc.request_id), answer
+        assert answer.message
+        return True
+    match frame:
+        case p.Bye():
+            assert answer is None
+        case p.Hello():
+            assert isinstance(answer, p.Welcome)
+        case p.Heartbeat():
+            assert isinstance(answer, p.Heartbeat) or (
+                isinstance(answer, p.Error) and answer.code == E.SESSION_UNKNOWN
+            )
+        case p.Produce(rid, items):
+            expected = [item_code(item) for item in items]
+            assert isinstance(answer, p.Reply) and answer.request_id == rid, answer
+            assert [r[2] for r in answer.result["r"]] == expected
+            return all(expected)
+        case _:
+            assert isinstance(answer, p.Reply | p.Error) and answer.request_id == frame.request_id, answer
+    return False
+
+
+async def produce_stored(endpoint: str, channel: str) -> dict[str, Stored]:
+    async with BrokerQueue(endpoint, session_timeout="2s") as queue:
+        typed = queue.channel(channel, Stored)
+        payloads = [Stored(n, f"message {n} – ✓", bytes(range(n))) for n in range(50)]
+        results = await asyncio.gather(*(typed.produce(payload) for payload in payloads))
+    return {result.id: payload for result, payload in zip(results, payloads, strict=True)}
+
+
+async def consume_all(endpoint: str, channel: str, count: int) -> dict[str, Stored]:
+    seen: dict[str, Stored] = {}
+    all_seen = asyncio.Event()
+
+    async def handle(data: Stored, message: Any) -> None:
+        seen[message.id] = data
+        if len(seen) >= count:
+            all_seen.set()
+
+    async with BrokerQueue(endpoint, session_timeout="2s") as queue:
+        consumer = await queue.channel(channel, Stored).consume(handle, max_parallel=16)
+        await asyncio.wait_for(all_seen.wait(), 15)
+        await consumer.close()
+    return seen
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(110)
+def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
+    node: NodeProcess, raw: RawClient
+) -> None:
+    # Given 50 stored messages on a channel no garbage frame can name
+    channel = f"stored/bad-input-{uuid.uuid4().hex}"
+    stored = asyncio.run(produce_stored(node.endpoint, channel))
+    assert admin(raw, node, "stats", name=channel)["stats"]["ready"] == 50
+    rejected_before = admin(raw, node, "cluster_status")["counters"]["frames_rejected"]
+    must_reject = 0
+
+    @settings(
+        max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(parts=frames)
+    def send_garbage(parts: list[bytes]) -> None:
+        nonlocal must_reject
+        raw.send_raw(parts)
+        ping_rid = next(_rids)
+        raw.send(C.ADMIN, {"rid": ping_rid, "op": "ping", "args": {}})
+        answers: list[p.NodeFrame] = []
+        pinged = False
+        while not pinged:  # answers to requests may overtake each other within one loop turn
+            frame = receive(raw, node, lambda f: not isinstance(f, p.Deliver))
+            pinged = isinstance(frame, p.Reply) and frame.request_id == ping_rid
+            if not pinged:
+                answers.append(frame)
+        if not answers and not isinstance(_decoded(parts), p.Bye):
+            answers.append(receive(raw, node, lambda f: not isinstance(f, p.Deliver)))
+        assert len(answers) <= 1, answers
+        must_reject += check_answer(parts, answers[0] if answers else None)
+
+    # When hypothesis throws random and mutated frames at the node, a ping after each
+    send_garbage()
+    # Then every refusal was counted, and the stored messages come back whole, each exactly once
+    counters = admin(raw, node, "cluster_status")["counters"]
+    assert counters["frames_rejected"] - rejected_before >= must_reject > 0
+    assert asyncio.run(consume_all(node.endpoint, channel, len(stored))) == stored
+    stats = admin(raw, node, "stats", name=channel)["stats"]
+    assert (stats["ready"], stats["in_flight"], stats["dead"], stats["acked_total"]) == (0, 0, 0, 50)
+
+
+def _decoded(parts: list[bytes]) -> p.ClientFrame | p.FrameError:
+    try:
+        return p.decode_client(parts)
+    except p.FrameError as exc:
+        return exc
