@@ -41,6 +41,7 @@ log = logging.getLogger("zbroker.node")
 
 MAX_FRAMES_PER_TURN = 2000
 COMPACT_EVERY_ENTRIES = 256
+COMPACT_EVERY_BYTES = 8 << 20
 MIN_SESSION_TIMEOUT_MS = 100
 MAX_SESSION_TIMEOUT_MS = 3_600_000
 
@@ -91,6 +92,7 @@ class Node:
         self._turn = _Turn()
         self._outbox: list[list[bytes]] = []
         self._durable_applied = self.state.applied_index
+        self._log_bytes_since_compaction = 0
         self._replay()
         self.scheduler.adopt_leased_sessions(now_ms())
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -175,7 +177,9 @@ class Node:
     def _commit(self, turn: _Turn, now: int) -> None:
         entry = LogEntry(now, tuple(turn.commands))
         durable_before = self.state.applied_index
-        index = self.log.propose(encode_entry(entry))
+        payload = encode_entry(entry)
+        index = self.log.propose(payload)
+        self._log_bytes_since_compaction += len(payload)
         self.counters["entries_appended"] += 1
         self.scheduler.proposed(index)
         self._durable_applied = durable_before
@@ -185,8 +189,16 @@ class Node:
         for result, callback in zip(results, turn.callbacks, strict=True):
             if callback is not None:
                 callback(result)
-        if index - self.log.log.first_index >= COMPACT_EVERY_ENTRIES:
-            self.log.compact(self._durable_applied)
+        if (
+            index - self.log.log.first_index >= COMPACT_EVERY_ENTRIES
+            or self._log_bytes_since_compaction >= COMPACT_EVERY_BYTES
+        ):
+            self.compact_log()
+
+    def compact_log(self) -> None:
+        """Drop log entries whose effects are applied and durable (covered by a later synced append)."""
+        self.log.compact(self._durable_applied)
+        self._log_bytes_since_compaction = 0
 
     def _drain(self) -> None:
         router = self.router

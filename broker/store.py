@@ -264,9 +264,11 @@ class RocksStore(Store):
             return key if key >= start else None
         return None
 
-    def compact(self, cf: Cf) -> None:
-        """Compact one column family fully (reclaims space of deleted keys now)."""
-        self._families[cf].compact_range(None, None)
+    def compact_all(self) -> None:
+        """Flush every memtable and compact every column family: space of deleted keys is reclaimed now."""
+        for family in self._families.values():
+            family.flush(True)
+            family.compact_range(None, None)
 
     def disk_bytes(self) -> int:
         """Total size of the database's files on disk."""

@@ -179,6 +179,11 @@ class BrokerAdmin:
             for row in result["messages"]
         ]
 
+    async def compact(self) -> tuple[int, int]:
+        """Compact the answering node's storage now; returns its disk bytes before and after."""
+        result = await self._call("compact")
+        return int(result["disk_bytes_before"]), int(result["disk_bytes_after"])
+
     async def purge(self, name: str) -> int:
         """Delete every ready and delayed message of a queue; returns how many."""
         result = await self._call("purge", name=self._name(name))

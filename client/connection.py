@@ -186,7 +186,9 @@ class Connection:
         self._loop.add_reader(socket.FD, self._on_readable)
         self._welcome = self._loop.create_future()
         try:
-            socket.send_multipart(p.encode_hello(int(self.session_timeout_s * 1000), self.client_name), zmq.NOBLOCK)
+            socket.send_multipart(
+                p.encode_hello(int(self.session_timeout_s * 1000), self.client_name), zmq.NOBLOCK
+            )
             self._loop.call_soon(self._on_readable)
             welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
         except (TimeoutError, zmq.ZMQError):
@@ -394,7 +396,9 @@ class Connection:
         is_produce = request.command is p.Command.PRODUCE
         answers = result.get("r") if is_produce else result.get("codes")
         if not isinstance(answers, list) or len(answers) != len(request.items):
-            _fail_items(request.items, BrokerError(f"the node answered {request.command.name} with a malformed reply"))
+            _fail_items(
+                request.items, BrokerError(f"the node answered {request.command.name} with a malformed reply")
+            )
             return
         retry: list[_Item] = []
         for item, answer in zip(request.items, answers, strict=True):

@@ -216,7 +216,9 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row["zbroker"] = run_rounds(args.rounds, zb_once)
                 if peer_available:
 
-                    def peer_once(in_flight: int = in_flight, count: int = count) -> Awaitable[dict[str, float]]:
+                    def peer_once(
+                        in_flight: int = in_flight, count: int = count
+                    ) -> Awaitable[dict[str, float]]:
                         shutil.rmtree(base / "redis", ignore_errors=True)
                         (base / "redis").mkdir(parents=True)
                         peer = RedisPeer(base / "redis")
@@ -283,7 +285,9 @@ def memory(count: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median reported)")
     parser.add_argument("--peer", choices=["redis", "none"], default="redis")
@@ -292,7 +296,9 @@ def main() -> None:
     if args.memory:
         memory(args.memory)
         return
-    print("| scenario | size | zbroker rate | zbroker p50 / p99 | redis rate | redis p50 / p99 | zbroker / redis |")
+    print(
+        "| scenario | size | zbroker rate | zbroker p50 / p99 | redis rate | redis p50 / p99 | zbroker / redis |"
+    )
     print("|---|---|---|---|---|---|---|")
     bench(args)
 

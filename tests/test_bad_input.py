@@ -28,7 +28,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024**2
 RECEIVE_TIMEOUT_S = 5.0
 BODY = bson.encode({"v": "hello"})
 EMPTY = bson.encode({})
-_rids = itertools.count(3_000_000_001)  # far from the small and boundary rids hypothesis favours
+_rids = itertools.count(2_000_000_001)  # int32 (see the xfail below), far from rids hypothesis favours
 
 
 @dataclasses.dataclass
@@ -106,26 +106,37 @@ def nested_document(depth: int) -> bytes:
 # --------------------------------------------------------------------------- strategies
 
 FIELDS = ["rid", "items", "sub", "channel", "op", "args", "name", "n", "session_timeout_ms", "client"]
-FIELDS += ["max_parallel", "max_attempts", "retry_backoff_ms", "retry_backoff_max_ms", "processing_timeout_ms"]
-keys = st.sampled_from(FIELDS) | st.text(st.characters(exclude_characters="\x00"), max_size=6)
+FIELDS += [
+    "max_parallel",
+    "max_attempts",
+    "retry_backoff_ms",
+    "retry_backoff_max_ms",
+    "processing_timeout_ms",
+]
+keys = st.sampled_from(FIELDS) | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6)
 ints = st.integers(-(2**63), 2**63 - 1)
 scalars = st.none() | st.booleans() | ints | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
 values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
+    max_leaves=12,
 )
 documents = st.dictionaries(keys, values, max_size=6)
 rids = st.integers(0, 2**32) | scalars
 channels = st.from_regex(r"fuzz/[a-z0-9_.:\-]{1,12}", fullmatch=True) | st.text(max_size=30) | scalars
 bodies = st.builds(lambda v: bson.encode({"v": v}), values) | st.binary(max_size=40) | scalars
-produce_items = st.tuples(
-    st.text(max_size=70) | scalars,
-    channels,
-    bodies,
-    st.integers(-(2**31) - 1, 2**31) | scalars,
-    st.integers(-1, 2**40) | scalars,
-    st.integers(-1, 2**40) | scalars,
-    st.none() | st.binary(max_size=300) | scalars,
-).map(list) | values
+produce_items = (
+    st.tuples(
+        st.text(max_size=70) | scalars,
+        channels,
+        bodies,
+        st.integers(-(2**31) - 1, 2**31) | scalars,
+        st.integers(-1, 2**40) | scalars,
+        st.integers(-1, 2**40) | scalars,
+        st.none() | st.binary(max_size=300) | scalars,
+    ).map(list)
+    | values
+)
 lease_refs = st.lists(ints, max_size=3) | st.tuples(ints, ints, scalars, st.text(max_size=1100)).map(list)
 ADMIN_OPS = ["ping", "queues", "stats", "peek", "dead_letters", "purge", "requeue_dead", "purge_dead"]
 admin_args = st.fixed_dictionaries({}, optional={"name": channels, "n": st.integers(-2, 1002) | scalars})
@@ -137,14 +148,22 @@ PAYLOADS = {
         {"rid": rids, "op": st.sampled_from(ADMIN_OPS) | st.text(max_size=70) | scalars},
         optional={"args": admin_args | values},
     ),
-    C.SUBSCRIBE: st.fixed_dictionaries({"rid": rids, "sub": rids, "channel": channels}, optional=dict.fromkeys(FIELDS[8:], ints)),
+    C.SUBSCRIBE: st.fixed_dictionaries(
+        {"rid": rids, "sub": rids, "channel": channels}, optional=dict.fromkeys(FIELDS[8:], ints)
+    ),
 }
-HUGE = [  # prebuilt: big arrays are slow to generate and shrink
-    p.encode(C.PRODUCE, {"rid": 7, "items": list(range(p.MAX_BATCH_ITEMS + 1))}),
-    p.encode(C.ACK, {"rid": 8, "items": [[i, i] for i in range(p.MAX_BATCH_ITEMS)]}),
-    p.encode(C.PRODUCE, {"rid": 9, "items": [row(f"h{i}", "no space allowed") for i in range(2000)]}),
-    p.encode(C.HEARTBEAT, {"junk": list(range(50_000))}),
-]
+HUGE = {  # built on demand: big arrays are slow to generate, shrink and print
+    "too many produce items": lambda: p.encode(
+        C.PRODUCE, {"rid": 7, "items": list(range(p.MAX_BATCH_ITEMS + 1))}
+    ),
+    "10k stale acks": lambda: p.encode(
+        C.ACK, {"rid": 8, "items": [[i, i] for i in range(p.MAX_BATCH_ITEMS)]}
+    ),
+    "2k bad channels": lambda: p.encode(
+        C.PRODUCE, {"rid": 9, "items": [row(f"h{i}", "a b") for i in range(2000)]}
+    ),
+    "50k junk ints": lambda: p.encode(C.HEARTBEAT, {"junk": list(range(50_000))}),
+}
 client_headers = st.sampled_from([c for c in C if c < C.WELCOME]).map(lambda c: p.MAGIC + bytes((1, c)))
 bad_headers = st.binary(max_size=8) | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
     lambda vc: p.MAGIC + bytes(vc)
@@ -156,7 +175,7 @@ frames = st.one_of(
     st.tuples(client_headers, st.binary(max_size=64) | st.integers(1, 3000).map(nested_document)).map(list),
     st.tuples(client_headers, documents.map(bson.encode)).map(list),
     st.sampled_from(list(PAYLOADS)).flatmap(lambda c: PAYLOADS[c].map(lambda doc: p.encode(c, doc))),
-    st.sampled_from(HUGE),
+    st.sampled_from(sorted(HUGE)).map(lambda name: HUGE[name]()),
 )
 
 
@@ -169,16 +188,22 @@ def item_code(item: p.ProduceItem) -> E:
     return E.OK if bson.is_valid(item.body) else E.INVALID_PAYLOAD
 
 
-def check_answer(parts: list[bytes], answer: p.NodeFrame | None) -> bool:
-    """Assert ``answer`` is what the node owes ``parts``; True when the node must count a rejection."""
+def decode(parts: list[bytes]) -> p.ClientFrame | p.FrameError:
+    """What the protocol module makes of ``parts``: the oracle for the node's answer."""
     try:
-        frame = p.decode_client(parts)
+        return p.decode_client(parts)
     except p.FrameError as exc:
-        assert isinstance(answer, p.Error), f"{exc.message} was answered with {answer}"
-        assert (answer.code, answer.request_id) == (exc.code, exc.request_id), answer
-        assert answer.message
-        return True
-    match frame:
+        return exc
+
+
+def check_answer(decoded: p.ClientFrame | p.FrameError, answer: p.NodeFrame | None) -> bool:
+    """Assert ``answer`` is what the node owes a frame; True when the node must count a rejection."""
+    match decoded:
+        case p.FrameError(code=code, request_id=rid):
+            assert isinstance(answer, p.Error), f"{decoded.message} was answered with {answer}"
+            assert (answer.code, answer.request_id) == (code, rid), answer
+            assert answer.message
+            return True
         case p.Bye():
             assert answer is None
         case p.Hello():
@@ -193,7 +218,7 @@ def check_answer(parts: list[bytes], answer: p.NodeFrame | None) -> bool:
             assert [r[2] for r in answer.result["r"]] == expected
             return all(expected)
         case _:
-            assert isinstance(answer, p.Reply | p.Error) and answer.request_id == frame.request_id, answer
+            assert isinstance(answer, p.Reply | p.Error) and answer.request_id == decoded.request_id, answer
     return False
 
 
@@ -236,7 +261,11 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
     must_reject = 0
 
     @settings(
-        max_examples=300, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=300,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
     )
     @given(parts=frames)
     def send_garbage(parts: list[bytes]) -> None:
@@ -251,10 +280,11 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
             pinged = isinstance(frame, p.Reply) and frame.request_id == ping_rid
             if not pinged:
                 answers.append(frame)
-        if not answers and not isinstance(_decoded(parts), p.Bye):
+        decoded = decode(parts)
+        if not answers and not isinstance(decoded, p.Bye):
             answers.append(receive(raw, node, lambda f: not isinstance(f, p.Deliver)))
         assert len(answers) <= 1, answers
-        must_reject += check_answer(parts, answers[0] if answers else None)
+        must_reject += check_answer(decoded, answers[0] if answers else None)
 
     # When hypothesis throws random and mutated frames at the node, a ping after each
     send_garbage()
@@ -264,10 +294,3 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
     assert asyncio.run(consume_all(node.endpoint, channel, len(stored))) == stored
     stats = admin(raw, node, "stats", name=channel)["stats"]
     assert (stats["ready"], stats["in_flight"], stats["dead"], stats["acked_total"]) == (0, 0, 0, 50)
-
-
-def _decoded(parts: list[bytes]) -> p.ClientFrame | p.FrameError:
-    try:
-        return p.decode_client(parts)
-    except p.FrameError as exc:
-        return exc

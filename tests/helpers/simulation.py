@@ -210,7 +210,9 @@ class Core:
 
     # ------------------------------------------------------------------ crashes
 
-    def restart(self, now_ms: int, *, one_by_one: bool = True) -> list[tuple[int, LogEntry, list[CommandResult]]]:
+    def restart(
+        self, now_ms: int, *, one_by_one: bool = False
+    ) -> list[tuple[int, LogEntry, list[CommandResult]]]:
         """Crash and restart: rebuild from the store, replay the log after the applied index.
 
         Entries are replayed from their encoded form, as a node reads them back from its log.
