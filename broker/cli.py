@@ -1,4 +1,7 @@
-"""``brokerctl``: run nodes and inspect queues. Parses arguments, calls the library, maps errors to exit codes."""
+"""``brokerctl``: run nodes and inspect queues.
+
+It parses arguments, calls the library and maps exceptions to named exit codes; nothing more.
+"""
 
 from __future__ import annotations
 

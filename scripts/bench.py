@@ -199,7 +199,9 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             for scenario, in_flight in scenarios:
                 count = args.messages // 10 if in_flight == 1 else args.messages
 
-                def zb_once(in_flight: int = in_flight, count: int = count) -> Awaitable[dict[str, float]]:
+                def zb_once(
+                    in_flight: int = in_flight, count: int = count, size: int = size
+                ) -> Awaitable[dict[str, float]]:
                     node = fresh_node(base / "zb")
 
                     async def measure() -> dict[str, float]:

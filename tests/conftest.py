@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from client import BrokerQueue
 from broker.launcher import NodeProcess
+from client import BrokerQueue
 
 _names = itertools.count(1)
 

@@ -18,11 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import protocol as p
-from client import BrokerQueue, MessageTooLargeError
+from client import BrokerQueue
 from tests.helpers.nodes import NodeProcess
 from tests.helpers.raw import RawClient
 
 E = p.ErrorCode
+import collections
+
+STATS = collections.Counter()
 C = p.Command
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024**2
 RECEIVE_TIMEOUT_S = 5.0
@@ -285,9 +288,19 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
             answers.append(receive(raw, node, lambda f: not isinstance(f, p.Deliver)))
         assert len(answers) <= 1, answers
         must_reject += check_answer(decoded, answers[0] if answers else None)
+        a = answers[0] if answers else None
+        STATS[
+            (
+                type(decoded).__name__,
+                type(a).__name__,
+                getattr(a, "code", None) if not isinstance(a, p.Reply) else tuple(sorted(a.result))[:3],
+            )
+        ] += 1
 
     # When hypothesis throws random and mutated frames at the node, a ping after each
     send_garbage()
+    for k, v in sorted(STATS.items(), key=lambda kv: -kv[1]):
+        print(v, k)
     # Then every refusal was counted, and the stored messages come back whole, each exactly once
     counters = admin(raw, node, "cluster_status")["counters"]
     assert counters["frames_rejected"] - rejected_before >= must_reject > 0

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from client import BrokerAdmin, BrokerQueue, QueueMessageProcessing
 from broker.launcher import NodeProcess
+from client import BrokerAdmin, BrokerQueue, QueueMessageProcessing
 from tests.test_queue_basics import Collector
 
 

@@ -8,8 +8,8 @@ import time
 import bson
 
 from broker import protocol as p
-from client import BrokerAdmin, BrokerQueue, QueueMessage
 from broker.launcher import NodeProcess
+from client import BrokerAdmin, BrokerQueue, QueueMessage
 from tests.helpers.raw import RawClient
 from tests.test_queue_basics import Collector
 
