@@ -219,7 +219,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if peer_available:
 
                     def peer_once(
-                        in_flight: int = in_flight, count: int = count
+                        in_flight: int = in_flight, count: int = count, size: int = size
                     ) -> Awaitable[dict[str, float]]:
                         shutil.rmtree(base / "redis", ignore_errors=True)
                         (base / "redis").mkdir(parents=True)
@@ -298,9 +298,8 @@ def main() -> None:
     if args.memory:
         memory(args.memory)
         return
-    print(
-        "| scenario | size | zbroker rate | zbroker p50 / p99 | redis rate | redis p50 / p99 | zbroker / redis |"
-    )
+    columns = ["scenario", "size", "zbroker rate", "zbroker p50 / p99", "redis rate", "redis p50 / p99"]
+    print("| " + " | ".join([*columns, "zbroker / redis"]) + " |")
     print("|---|---|---|---|---|---|---|")
     bench(args)
 
