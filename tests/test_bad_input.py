@@ -24,7 +24,6 @@ from tests.helpers.raw import RawClient
 
 E = p.ErrorCode
 import collections
-
 STATS = collections.Counter()
 C = p.Command
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024**2
@@ -108,51 +107,84 @@ def nested_document(depth: int) -> bytes:
 
 # --------------------------------------------------------------------------- strategies
 
-FIELDS = ["rid", "items", "sub", "channel", "op", "args", "name", "n", "session_timeout_ms", "client"]
-FIELDS += [
-    "max_parallel",
-    "max_attempts",
-    "retry_backoff_ms",
-    "retry_backoff_max_ms",
-    "processing_timeout_ms",
-]
-keys = st.sampled_from(FIELDS) | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6)
+keys = st.sampled_from(["rid", "items", "sub", "channel", "op", "args", "name", "n"]) | st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), max_size=6
+)
 ints = st.integers(-(2**63), 2**63 - 1)
 scalars = st.none() | st.booleans() | ints | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
-values = st.recursive(
+garbage = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
     max_leaves=12,
 )
-documents = st.dictionaries(keys, values, max_size=6)
-rids = st.integers(0, 2**32) | scalars
-channels = st.from_regex(r"fuzz/[a-z0-9_.:\-]{1,12}", fullmatch=True) | st.text(max_size=30) | scalars
-bodies = st.builds(lambda v: bson.encode({"v": v}), values) | st.binary(max_size=40) | scalars
-produce_items = (
-    st.tuples(
-        st.text(max_size=70) | scalars,
-        channels,
-        bodies,
-        st.integers(-(2**31) - 1, 2**31) | scalars,
-        st.integers(-1, 2**40) | scalars,
-        st.integers(-1, 2**40) | scalars,
-        st.none() | st.binary(max_size=300) | scalars,
-    ).map(list)
-    | values
+small = st.integers(0, 2**31 - 1)  # int32: larger ints decode as Int64 (see the xfail below)
+
+
+def mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Three draws in four from ``good``."""
+    return st.one_of(good, good, good, bad)
+
+
+@st.composite
+def mutant(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> Any:
+    """A valid document or row, or one with a field replaced by garbage, removed or added."""
+    doc = draw(valid).copy()  # st.just() hands out the same object every time
+    action = draw(st.sampled_from(["keep", "keep", "replace", "drop", "add"]))
+    where = draw(st.sampled_from(list(range(len(doc))) if isinstance(doc, list) else sorted(doc) or ["rid"]))
+    if action == "replace":
+        doc[where] = draw(garbage)
+    elif action == "drop" and isinstance(doc, list):
+        del doc[where]
+    elif action == "drop":
+        doc.pop(where, None)
+    elif action == "add" and isinstance(doc, list):
+        doc.append(draw(garbage))
+    elif action == "add":
+        doc[draw(keys)] = draw(garbage)
+    return doc
+
+
+def request_doc(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    return mutant(st.fixed_dictionaries({"rid": st.integers(1, 2**31 - 1), **fields}))
+
+
+bad_channels = st.sampled_from(["", "/a", "a//b", "a/", ".a", "-a", "a b", "é", "x" * 201]) | st.text(
+    max_size=30
 )
-lease_refs = st.lists(ints, max_size=3) | st.tuples(ints, ints, scalars, st.text(max_size=1100)).map(list)
-ADMIN_OPS = ["ping", "queues", "stats", "peek", "dead_letters", "purge", "requeue_dead", "purge_dead"]
-admin_args = st.fixed_dictionaries({}, optional={"name": channels, "n": st.integers(-2, 1002) | scalars})
-PAYLOADS = {
-    C.PRODUCE: st.fixed_dictionaries({"rid": rids, "items": st.lists(produce_items, max_size=5)}),
-    C.ACK: st.fixed_dictionaries({"rid": rids, "items": st.lists(lease_refs | values, max_size=5)}),
-    C.NACK: st.fixed_dictionaries({"rid": rids, "items": st.lists(lease_refs | values, max_size=5)}),
-    C.ADMIN: st.fixed_dictionaries(
-        {"rid": rids, "op": st.sampled_from(ADMIN_OPS) | st.text(max_size=70) | scalars},
-        optional={"args": admin_args | values},
+channels = mostly(st.from_regex(r"fuzz/[a-z0-9_.:\-]{1,12}", fullmatch=True), bad_channels)
+bodies = mostly(garbage.map(lambda v: bson.encode({"v": v})), st.binary(max_size=40))
+produce_row = st.tuples(
+    st.text(min_size=1, max_size=64),
+    channels,
+    bodies,
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(0, 2000),
+    small,
+    st.none() | st.binary(min_size=1, max_size=256),
+).map(list)
+lease = st.tuples(small, small).map(list)
+nack = st.tuples(small, small, st.booleans(), st.text()).map(list)
+ADMIN_OPS = ["ping", "queues", "stats", "peek", "dead_letters", "purge", "requeue_dead", "purge_dead", "frob"]
+REQUESTS = {
+    C.HELLO: mutant(st.fixed_dictionaries({"session_timeout_ms": small, "client": st.text(max_size=200)})),
+    C.HEARTBEAT: mutant(st.just({})),
+    C.PRODUCE: request_doc(items=st.lists(mostly(produce_row, mutant(produce_row)), min_size=1, max_size=5)),
+    C.SUBSCRIBE: request_doc(
+        sub=small,
+        channel=channels,
+        max_parallel=st.integers(1, 5),
+        max_attempts=st.integers(1, 5),
+        retry_backoff_ms=small,
+        retry_backoff_max_ms=small,
+        processing_timeout_ms=small,
     ),
-    C.SUBSCRIBE: st.fixed_dictionaries(
-        {"rid": rids, "sub": rids, "channel": channels}, optional=dict.fromkeys(FIELDS[8:], ints)
+    C.UNSUBSCRIBE: request_doc(sub=small),
+    C.ACK: request_doc(items=st.lists(mostly(lease, mutant(lease)), min_size=1, max_size=5)),
+    C.NACK: request_doc(items=st.lists(mostly(nack, mutant(nack)), min_size=1, max_size=5)),
+    C.BYE: mutant(st.just({})),
+    C.ADMIN: request_doc(
+        op=mostly(st.sampled_from(ADMIN_OPS), st.text(max_size=70)),
+        args=mutant(st.fixed_dictionaries({"name": channels, "n": st.integers(0, 1001)})),
     ),
 }
 HUGE = {  # built on demand: big arrays are slow to generate, shrink and print
@@ -167,19 +199,24 @@ HUGE = {  # built on demand: big arrays are slow to generate, shrink and print
     ),
     "50k junk ints": lambda: p.encode(C.HEARTBEAT, {"junk": list(range(50_000))}),
 }
-client_headers = st.sampled_from([c for c in C if c < C.WELCOME]).map(lambda c: p.MAGIC + bytes((1, c)))
-bad_headers = st.binary(max_size=8) | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
+client_header = st.sampled_from(list(REQUESTS)).map(lambda c: p.MAGIC + bytes((1, c)))
+bad_header = st.binary(max_size=8) | st.tuples(st.integers(0, 255), st.integers(0, 255)).map(
     lambda vc: p.MAGIC + bytes(vc)
 )
-frames = st.one_of(
+# Python's recursion limit ends BSON decoding near 1000 levels, at a depth that depends on the stack.
+nested = (st.integers(1, 300) | st.integers(2000, 5000)).map(nested_document)
+broken_frames = st.one_of(
     st.lists(st.binary(max_size=64), min_size=1, max_size=5),
-    st.tuples(bad_headers, documents.map(bson.encode)).map(list),
-    st.tuples(client_headers, st.sampled_from([0, 2, 4])).map(lambda hc: [hc[0], *[EMPTY] * hc[1]]),
-    st.tuples(client_headers, st.binary(max_size=64) | st.integers(1, 3000).map(nested_document)).map(list),
-    st.tuples(client_headers, documents.map(bson.encode)).map(list),
-    st.sampled_from(list(PAYLOADS)).flatmap(lambda c: PAYLOADS[c].map(lambda doc: p.encode(c, doc))),
+    st.tuples(bad_header, st.dictionaries(keys, garbage).map(bson.encode)).map(list),
+    st.tuples(client_header, st.sampled_from([0, 2, 4])).map(lambda hc: [hc[0], *[EMPTY] * hc[1]]),
+    st.tuples(client_header, st.binary(max_size=64) | nested).map(list),
+    st.tuples(client_header, st.dictionaries(keys, garbage).map(bson.encode)).map(list),
     st.sampled_from(sorted(HUGE)).map(lambda name: HUGE[name]()),
 )
+request_frames = st.sampled_from(list(REQUESTS)).flatmap(
+    lambda c: REQUESTS[c].map(lambda doc: p.encode(c, doc))
+)
+frames = request_frames | broken_frames
 
 
 def item_code(item: p.ProduceItem) -> E:
@@ -261,6 +298,7 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
     stored = asyncio.run(produce_stored(node.endpoint, channel))
     assert admin(raw, node, "stats", name=channel)["stats"]["ready"] == 50
     rejected_before = admin(raw, node, "cluster_status")["counters"]["frames_rejected"]
+    raw.hello(session_timeout_ms=60_000)  # a session, so fuzzed SUBSCRIBEs can lease fuzzed messages
     must_reject = 0
 
     @settings(
@@ -289,18 +327,13 @@ def test_random_and_mutated_frames_are_refused_and_stored_messages_stay_intact(
         assert len(answers) <= 1, answers
         must_reject += check_answer(decoded, answers[0] if answers else None)
         a = answers[0] if answers else None
-        STATS[
-            (
-                type(decoded).__name__,
-                type(a).__name__,
-                getattr(a, "code", None) if not isinstance(a, p.Reply) else tuple(sorted(a.result))[:3],
-            )
-        ] += 1
+        STATS[(type(decoded).__name__, type(a).__name__, getattr(a, 'code', None) if not isinstance(a, p.Reply) else tuple(sorted(a.result))[:3])] += 1
+        if isinstance(a, p.Reply) and 'r' in a.result: STATS[tuple(r[2] for r in a.result['r'])[:3]] += 1
 
     # When hypothesis throws random and mutated frames at the node, a ping after each
     send_garbage()
-    for k, v in sorted(STATS.items(), key=lambda kv: -kv[1]):
-        print(v, k)
+    for k, v in sorted(STATS.items(), key=lambda kv: -kv[1]): print(v, k)
+    print(admin(raw, node, 'cluster_status')['counters'])
     # Then every refusal was counted, and the stored messages come back whole, each exactly once
     counters = admin(raw, node, "cluster_status")["counters"]
     assert counters["frames_rejected"] - rejected_before >= must_reject > 0
