@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import bson
 import pytest
@@ -89,7 +90,7 @@ def drain_one_at_a_time(core: Core, now_ms: int, name: bytes = b"w1") -> list[st
     raise AssertionError("the queue never drained")
 
 
-def stats(core: Core, channel: str = CH) -> dict[str, object]:
+def stats(core: Core, channel: str = CH) -> dict[str, Any]:
     """The counters of a channel."""
     return core.state.channels[channel].stats()
 
@@ -226,7 +227,11 @@ def test_deduplication_is_per_channel_and_at_least_once_messages_open_no_window(
     body = bson.encode({"n": 1})
     produced = core.turn(
         T0,
-        produce=[item("a", body=body), item("b", body=body, dedup_ms=1000), item("c", "other", body=body, dedup_ms=1000)],
+        produce=[
+            item("a", body=body),
+            item("b", body=body, dedup_ms=1000),
+            item("c", "other", body=body, dedup_ms=1000),
+        ],
     ).produced
     # Then none of them is a duplicate
     assert [o.duplicate for o in produced] == [False, False, False]
@@ -245,7 +250,10 @@ def test_the_default_deduplication_key_is_the_sha256_of_the_body() -> None:
     core.turn(T0, produce=[item("a", body=body, dedup_ms=1000)])
     # When another comes with that SHA-256 as its explicit hash
     produced = core.turn(
-        T0 + 1, produce=[item("b", body=bson.encode({"n": 2}), dedup_ms=1000, dedup_hash=hashlib.sha256(body).digest())]
+        T0 + 1,
+        produce=[
+            item("b", body=bson.encode({"n": 2}), dedup_ms=1000, dedup_hash=hashlib.sha256(body).digest())
+        ],
     ).produced
     # Then it is a duplicate
     assert produced == [ProduceOutcome("a", True)]
@@ -332,7 +340,16 @@ def test_rolling_the_produce_id_bucket_deletes_ids_older_than_the_previous_bucke
 def test_leases_come_by_priority_then_produce_order() -> None:
     # Given messages of mixed priority produced in one entry, before anyone consumes
     core = Core()
-    spec = [("a0", 0), ("b5", 5), ("c0", 0), ("d9", 9), ("e5", 5), ("f-1", -1), ("gmax", 2**31 - 1), ("hmin", -(2**31))]
+    spec = [
+        ("a0", 0),
+        ("b5", 5),
+        ("c0", 0),
+        ("d9", 9),
+        ("e5", 5),
+        ("f-1", -1),
+        ("gmax", 2**31 - 1),
+        ("hmin", -(2**31)),
+    ]
     core.turn(T0, produce=[item(pid, priority=priority) for pid, priority in spec])
     consumer(core, T0)
     # When one consumer takes them one at a time
@@ -494,7 +511,9 @@ def test_a_release_does_not_count_an_attempt() -> None:
     (lease,) = core.turn(T0 + 1).leased
     # When it is released (not processed), twice
     for step in range(2):
-        codes = core.turn(T0 + 2 + step * 2, nacks=[NackItem(lease.seq, lease.lease_token, True, "")], plan=False)
+        codes = core.turn(
+            T0 + 2 + step * 2, nacks=[NackItem(lease.seq, lease.lease_token, True, "")], plan=False
+        )
         assert codes.nack_codes == [ErrorCode.OK]
         # Then it is ready at once with no attempt counted, and redelivered as attempt 1
         assert [attempts for _, attempts in view(core.store).ready.values()] == [0]
@@ -622,8 +641,14 @@ def _mixed_channel(core: Core) -> dict[str, Leased]:
     core.scheduler.unsubscribe(core.scheduler.sessions[b"w1".ljust(16, b"\x00")], 1)
     core.turn(
         T0 + 3,
-        produce=[item("r1"), item("r2", priority=3), item("r3"), item("d1", delay_ms=1000), item("d2", delay_ms=5)]
-        + [item("o1", "other")],
+        produce=[
+            item("r1"),
+            item("r2", priority=3),
+            item("r3"),
+            item("d1", delay_ms=1000),
+            item("d2", delay_ms=5),
+            item("o1", "other"),
+        ],
     )
     return {"dead": dead, "flight": flight}
 
@@ -716,7 +741,11 @@ def test_a_new_queue_state_on_the_same_store_restores_counters_leases_and_sequen
     outcome = core.turn(
         T0 + 11, produce=[item("x"), item("y", body=b"\x05\x00\x00\x00\x00", dedup_ms=60_000), item("z")]
     )
-    assert outcome.produced == [ProduceOutcome("x", False), ProduceOutcome("x", True), ProduceOutcome("z", False)]
+    assert outcome.produced == [
+        ProduceOutcome("x", False),
+        ProduceOutcome("x", True),
+        ProduceOutcome("z", False),
+    ]
     consumer(core, T0 + 11, b"w9", max_parallel=100)
     leased = core.turn(T0 + 12).leased
     assert len(leased) == stats(core)["in_flight"] - 1 == 6

@@ -14,24 +14,33 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from unittest import mock
 
 from broker import keys as k
 from broker import queue_state
 from broker.commands import (
     AckCmd,
+    ExpireCmd,
+    ExpireDedupCmd,
     LeaseCmd,
     LogCommand,
     LogEntry,
     NackCmd,
+    NoopCmd,
     ProduceCmd,
+    PromoteCmd,
+    PurgeCmd,
+    PurgeDeadCmd,
+    RequeueDeadCmd,
     decode_entry,
     encode_entry,
 )
 from broker.keys import Cf
-from broker.protocol import ErrorCode, LeaseRef, NackItem, ProduceItem
+from broker.protocol import ErrorCode, LeaseRef, NackItem, ProduceItem, channel_name_problem
 from broker.queue_state import CommandResult, Leased, ProduceOutcome, QueueState
 from broker.ready_head import ReadyHead
 from broker.scheduler import Scheduler, Session, Subscription
@@ -53,25 +62,32 @@ class TurnOutcome:
             if isinstance(command, kind):
                 yield result
 
+    def _items(self, kind: type) -> list[object]:
+        items: list[object] = []
+        for result in self._of(kind):
+            assert isinstance(result, list)
+            items.extend(result)
+        return items
+
     @property
     def produced(self) -> list[ProduceOutcome]:
         """Every produce outcome of the turn, in order."""
-        return [o for result in self._of(ProduceCmd) for o in result]  # type: ignore[union-attr]
+        return [o for o in self._items(ProduceCmd) if isinstance(o, ProduceOutcome)]
 
     @property
     def leased(self) -> list[Leased]:
         """Every lease granted in the turn, in order."""
-        return [lease for result in self._of(LeaseCmd) for lease in result]  # type: ignore[union-attr]
+        return [lease for lease in self._items(LeaseCmd) if isinstance(lease, Leased)]
 
     @property
     def ack_codes(self) -> list[ErrorCode]:
         """The codes of the turn's ACK command(s)."""
-        return [c for result in self._of(AckCmd) for c in result]  # type: ignore[union-attr]
+        return [c for c in self._items(AckCmd) if isinstance(c, ErrorCode)]
 
     @property
     def nack_codes(self) -> list[ErrorCode]:
         """The codes of the turn's NACK command(s)."""
-        return [c for result in self._of(NackCmd) for c in result]  # type: ignore[union-attr]
+        return [c for c in self._items(NackCmd) if isinstance(c, ErrorCode)]
 
     def result_of(self, kind: type) -> CommandResult:
         """The result of the turn's only command of type ``kind``."""
@@ -241,7 +257,9 @@ class Core:
 class View:
     """A store's queue contents as plain dicts keyed by message seq."""
 
-    messages: dict[int, tuple[int, str, int, bytes]]  # seq -> chan, message id, priority, body
+    messages: dict[
+        int, tuple[int, str, int, bytes, int]
+    ]  # seq -> chan, message id, priority, body, produced_ms
     ready: dict[int, tuple[bytes, int]]  # seq -> ready key, attempts
     delayed: dict[int, tuple[bytes, int, int]]  # seq -> delayed key, priority, attempts
     leases: dict[int, tuple[int, bytes, int, int, int, int, int, int, int, int, int]]
@@ -289,8 +307,8 @@ def view(store: MemoryStore) -> View:
     messages = {}
     for key, value in data[Cf.MESSAGES].items():
         chan_id, seq = k.unpack_chan_seq(key)
-        _, priority, message_id, body = k.unpack_message(value)
-        messages[seq] = (chan_id, message_id, priority, body)
+        produced_ms, priority, message_id, body = k.unpack_message(value)
+        messages[seq] = (chan_id, message_id, priority, body, produced_ms)
     ready_seqs = [k.unpack_ready_key(key)[3] for key in data[Cf.READY]]
     _dupes("ready", ready_seqs)
     ready = {
@@ -331,3 +349,392 @@ def restored_copy(store: MemoryStore) -> MemoryStore:
             batch.put(cf, key, value)
     copy.write(batch, sync=True)
     return copy
+
+
+# ---------------------------------------------------------------------- a reference model
+
+
+_COUNTERS = (
+    "ready",
+    "delayed",
+    "inflight",
+    "dead",
+    "produced_total",
+    "delivered_total",
+    "acked_total",
+    "nacked_total",
+    "dead_total",
+    "expired_total",
+    "duplicates_total",
+)
+
+
+@dataclass(slots=True)
+class ModelChannel:
+    """What a channel's counters must be."""
+
+    chan_id: int
+    name: str
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+
+
+class Model:
+    """A second, deliberately naive implementation of the queue semantics of DESIGN.md.
+
+    It applies the same log entries as ``QueueState`` over plain dicts shaped like ``View``, asserts
+    that every command result is what the design says, and ``check`` compares the store row by row.
+    """
+
+    def __init__(self, produce_id_window_ms: int, *, unpersisted: Sequence[str] = ()) -> None:
+        self.window_ms = max(1, produce_id_window_ms)
+        self.unpersisted = tuple(unpersisted)
+        self.expected = View({}, {}, {}, {}, {}, {}, set(), {}, {}, None)
+        self.channels: dict[str, ModelChannel] = {}
+        self.by_id: dict[int, ModelChannel] = {}
+        self.pids: dict[tuple[int, str], tuple[bool, str]] = {}
+        self.windows: dict[bytes, tuple[int, str]] = {}  # dedup key -> expires_ms, message id
+        self.applied_index = 0
+        self.next_seq = 1
+        self.next_token = 1
+        self.next_chan_id = 1
+        self.pid_bucket = 0
+        self.last_time_ms = 0
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, index: int, entry: LogEntry, results: Sequence[CommandResult]) -> None:
+        """Apply one entry; assert ``results`` (what QueueState answered) are the design's answers."""
+        assert index == self.applied_index + 1, f"entry {index} applied after {self.applied_index}"
+        now_ms = max(entry.time_ms, self.last_time_ms)
+        self.last_time_ms = now_ms
+        bucket = now_ms // self.window_ms
+        if bucket > self.pid_bucket:
+            self.pids = {key: value for key, value in self.pids.items() if key[0] >= bucket - 1}
+            self.pid_bucket = bucket
+        assert len(results) == len(entry.commands)
+        for command, result in zip(entry.commands, results, strict=True):
+            expected = self._command(command, now_ms)
+            assert result == expected, f"{type(command).__name__} answered {result!r}, expected {expected!r}"
+        self.applied_index = index
+
+    def _command(self, command: LogCommand, now_ms: int) -> CommandResult:
+        match command:
+            case ProduceCmd(items):
+                return [self._produce(item, now_ms) for item in items]
+            case LeaseCmd():
+                return self._lease(command, now_ms)
+            case AckCmd(refs):
+                return [self._ack(ref) for ref in refs]
+            case NackCmd(items):
+                return [
+                    self._end(
+                        LeaseRef(i.seq, i.lease_token),
+                        now_ms,
+                        release=i.release,
+                        expired=False,
+                        reason=i.reason,
+                    )
+                    for i in items
+                ]
+            case ExpireCmd(refs, reason):
+                return [self._end(ref, now_ms, release=False, expired=True, reason=reason) for ref in refs]
+            case PromoteCmd(keys):
+                return sum(self._promote(key) for key in keys)
+            case PurgeCmd(name):
+                return self._purge(name)
+            case RequeueDeadCmd(name):
+                return self._requeue_dead(name, now_ms)
+            case PurgeDeadCmd(name):
+                return self._purge_dead(name)
+            case ExpireDedupCmd(until_ms):
+                return self._expire_dedup(until_ms)
+            case NoopCmd():
+                return None
+        raise AssertionError(f"unknown command {command!r}")
+
+    def _count(self, chan_id: int, **changes: int) -> None:
+        counters = self.by_id[chan_id].counters
+        for name, change in changes.items():
+            counters[name] += change
+
+    def _produce(self, item: ProduceItem, now_ms: int) -> ProduceOutcome:
+        known = self.pids.get((self.pid_bucket, item.produce_id))
+        if known is None and self.pid_bucket:
+            known = self.pids.get((self.pid_bucket - 1, item.produce_id))
+        if known is not None:
+            return ProduceOutcome(known[1], known[0])
+        channel = self.channels.get(item.channel)
+        if channel is None:
+            problem = channel_name_problem(item.channel)
+            if problem is not None:
+                return ProduceOutcome(item.produce_id, False, ErrorCode.INVALID_CHANNEL, problem)
+            channel = ModelChannel(self.next_chan_id, item.channel)
+            self.next_chan_id += 1
+            self.channels[item.channel] = channel
+            self.by_id[channel.chan_id] = channel
+        chan_id = channel.chan_id
+        if item.dedup_ms > 0:
+            dkey = k.dedup_key(chan_id, item.dedup_hash or hashlib.sha256(item.body).digest())
+            window = self.windows.get(dkey)
+            if window is not None and window[0] > now_ms:
+                self._count(chan_id, duplicates_total=1)
+                self.pids[(self.pid_bucket, item.produce_id)] = (True, window[1])
+                return ProduceOutcome(window[1], True)
+            self.windows[dkey] = (now_ms + item.dedup_ms, item.produce_id)
+        seq = self.next_seq
+        self.next_seq += 1
+        self.expected.messages[seq] = (chan_id, item.produce_id, item.priority, item.body, now_ms)
+        if item.delay_ms > 0:
+            self._to_delayed(chan_id, now_ms + item.delay_ms, seq, item.priority, 0)
+        else:
+            self._to_ready(chan_id, item.priority, now_ms, seq, 0)
+        self.pids[(self.pid_bucket, item.produce_id)] = (False, item.produce_id)
+        self._count(chan_id, produced_total=1)
+        return ProduceOutcome(item.produce_id, False)
+
+    def _to_ready(self, chan_id: int, priority: int, ready_ms: int, seq: int, attempts: int) -> None:
+        self.expected.ready[seq] = (k.ready_key(chan_id, priority, ready_ms, seq), attempts)
+        self._count(chan_id, ready=1)
+
+    def _to_delayed(self, chan_id: int, due_ms: int, seq: int, priority: int, attempts: int) -> None:
+        self.expected.delayed[seq] = (k.delayed_key(chan_id, due_ms, seq), priority, attempts)
+        self._count(chan_id, delayed=1)
+
+    def _lease(self, command: LeaseCmd, now_ms: int) -> list[Leased]:
+        granted = []
+        session = queue_state.session_key(command.session)
+        deadline_ms = now_ms + command.processing_timeout_ms if command.processing_timeout_ms else 0
+        for key in command.ready_keys:
+            chan_id, priority, ready_ms, seq = k.unpack_ready_key(key)
+            ready = self.expected.ready.get(seq)
+            if ready is None or ready[0] != key:
+                continue
+            del self.expected.ready[seq]
+            attempt = ready[1] + 1
+            token = self.next_token
+            self.next_token += 1
+            self.expected.leases[seq] = (
+                chan_id,
+                session,
+                command.subscription_id,
+                token,
+                attempt,
+                deadline_ms,
+                command.max_attempts,
+                command.retry_backoff_ms,
+                command.retry_backoff_max_ms,
+                priority,
+                ready_ms,
+            )
+            self._count(chan_id, ready=-1, inflight=1, delivered_total=1)
+            name = self.by_id[chan_id].name
+            granted.append(Leased(session, command.subscription_id, chan_id, name, seq, token, attempt))
+        return granted
+
+    def _take(self, ref: LeaseRef) -> tuple[int, bytes, int, int, int, int, int, int, int, int, int] | None:
+        lease = self.expected.leases.get(ref.seq)
+        if lease is None or lease[3] != ref.lease_token:
+            return None
+        del self.expected.leases[ref.seq]
+        self._count(lease[0], inflight=-1)
+        return lease
+
+    def _ack(self, ref: LeaseRef) -> ErrorCode:
+        lease = self._take(ref)
+        if lease is None:
+            return ErrorCode.STALE_LEASE
+        del self.expected.messages[ref.seq]
+        self._count(lease[0], acked_total=1)
+        return ErrorCode.OK
+
+    def _end(self, ref: LeaseRef, now_ms: int, *, release: bool, expired: bool, reason: str) -> ErrorCode:
+        lease = self._take(ref)
+        if lease is None:
+            return ErrorCode.STALE_LEASE
+        chan_id, _, _, _, attempt, _, max_attempts, backoff_ms, backoff_max_ms, priority, ready_ms = lease
+        if release:
+            self._to_ready(chan_id, priority, ready_ms, ref.seq, attempt - 1)
+            return ErrorCode.OK
+        self._count(chan_id, **({"expired_total": 1} if expired else {"nacked_total": 1}))
+        if attempt >= max_attempts:
+            self.expected.dead[ref.seq] = (chan_id, attempt, now_ms, reason)
+            self._count(chan_id, dead=1, dead_total=1)
+            return ErrorCode.OK
+        delay_ms = 0
+        if not expired and backoff_ms > 0:  # base * 2^(attempt-1), capped
+            delay_ms = backoff_ms * 2 ** (attempt - 1)
+            if backoff_max_ms > 0:
+                delay_ms = min(delay_ms, backoff_max_ms)
+        if delay_ms:
+            self._to_delayed(chan_id, now_ms + delay_ms, ref.seq, priority, attempt)
+        else:
+            self._to_ready(chan_id, priority, ready_ms, ref.seq, attempt)
+        return ErrorCode.OK
+
+    def _promote(self, key: bytes) -> int:
+        chan_id, due_ms, seq = k.unpack_delayed_key(key)
+        delayed = self.expected.delayed.get(seq)
+        if delayed is None or delayed[0] != key:
+            return 0
+        del self.expected.delayed[seq]
+        self._count(chan_id, delayed=-1)
+        self._to_ready(chan_id, delayed[1], due_ms, seq, delayed[2])
+        return 1
+
+    def _seqs_of(self, index: dict[int, Any], chan_id: int, chan_of: Callable[[Any], int]) -> list[int]:
+        return sorted(seq for seq, row in index.items() if chan_of(row) == chan_id)
+
+    def _purge(self, name: str) -> int:
+        channel = self.channels.get(name)
+        if channel is None:
+            return 0
+        chan_id = channel.chan_id
+        ready = self._seqs_of(self.expected.ready, chan_id, lambda row: k.unpack_ready_key(row[0])[0])
+        delayed = self._seqs_of(self.expected.delayed, chan_id, lambda row: k.unpack_delayed_key(row[0])[0])
+        for seq in ready:
+            del self.expected.ready[seq]
+            del self.expected.messages[seq]
+        for seq in delayed:
+            del self.expected.delayed[seq]
+            del self.expected.messages[seq]
+        self._count(chan_id, ready=-len(ready), delayed=-len(delayed))
+        return len(ready) + len(delayed)
+
+    def _requeue_dead(self, name: str, now_ms: int) -> int:
+        channel = self.channels.get(name)
+        if channel is None:
+            return 0
+        chan_id = channel.chan_id
+        dead = self._seqs_of(self.expected.dead, chan_id, lambda row: row[0])
+        for seq in dead:
+            del self.expected.dead[seq]
+            self._to_ready(chan_id, self.expected.messages[seq][2], now_ms, seq, 0)
+        self._count(chan_id, dead=-len(dead))
+        return len(dead)
+
+    def _purge_dead(self, name: str) -> int:
+        channel = self.channels.get(name)
+        if channel is None:
+            return 0
+        chan_id = channel.chan_id
+        dead = self._seqs_of(self.expected.dead, chan_id, lambda row: row[0])
+        for seq in dead:
+            del self.expected.dead[seq]
+            del self.expected.messages[seq]
+        self._count(chan_id, dead=-len(dead))
+        return len(dead)
+
+    def _expire_dedup(self, until_ms: int) -> int:
+        ended = [dkey for dkey, (expires_ms, _) in self.windows.items() if expires_ms <= until_ms]
+        for dkey in ended:
+            del self.windows[dkey]
+        return len(ended)
+
+    # ------------------------------------------------------------------ checking
+
+    def check(self, actual: View, state: QueueState) -> None:
+        """The store and the in-memory state are exactly what the model expects."""
+        expected = self.expected
+        for name in ("messages", "ready", "delayed", "leases", "dead"):
+            mine, theirs = getattr(expected, name), getattr(actual, name)
+            if mine != theirs:
+                wrong = {
+                    seq: (mine.get(seq, "-"), theirs.get(seq, "-"))
+                    for seq in sorted(set(mine) | set(theirs))
+                    if mine.get(seq) != theirs.get(seq)
+                }
+                raise AssertionError(f"{name} index differs (seq: (expected, stored)): {wrong}")
+        live = set(expected.messages)
+        for seq in live:
+            where = actual.where(seq)
+            assert len(where) == 1, f"message {seq} is in {where or 'no index'}, not exactly one"
+        orphans = (set(actual.ready) | set(actual.delayed) | set(actual.leases) | set(actual.dead)) - live
+        assert not orphans, f"index entries without a message body: {sorted(orphans)}"
+        dedup = {dkey: window for dkey, window in self.windows.items()}
+        assert actual.dedup == dedup, f"dedup records {actual.dedup} != open windows {dedup}"
+        expiry = {k.dedup_expiry_key(expires_ms, *_split(dkey)) for dkey, (expires_ms, _) in dedup.items()}
+        assert actual.dedup_expiry == expiry, "dedup expiry index does not match the dedup records"
+        pids = {k.pid_key(bucket, pid): k.pack_pid(*answer) for (bucket, pid), answer in self.pids.items()}
+        assert actual.pids == pids, f"produce ids stored {sorted(actual.pids)} != remembered {sorted(pids)}"
+        self._check_counters(actual, state)
+
+    def _check_counters(self, actual: View, state: QueueState) -> None:
+        assert set(state.channels) == set(self.channels) == set(actual.channels)
+        for name, channel in self.channels.items():
+            live = state.channels[name]
+            assert live.chan_id == channel.chan_id
+            counters = {
+                "ready": live.ready,
+                "delayed": live.delayed,
+                "inflight": live.inflight,
+                "dead": live.dead,
+            }
+            counters |= {n: getattr(live, n) for n in _COUNTERS[4:]}
+            expected = dict(channel.counters)
+            stored = _unpack_counters(name, actual.channels[name])
+            for counter in self.unpersisted:
+                # A known bug leaves this counter unsaved: memory may run ahead of the store, and a
+                # restart reloads the stale value; never may either exceed what happened.
+                assert counters.pop(counter) <= expected.pop(counter)
+                assert stored.pop(counter) <= getattr(live, counter)
+            assert counters == expected, f"{name} counters {counters} != expected {expected}"
+            assert actual.count(channel.chan_id) == {n: channel.counters[n] for n in _COUNTERS[:4]}
+            in_memory = _unpack_counters(name, live.pack())
+            for counter in self.unpersisted:
+                in_memory.pop(counter)
+            assert stored == in_memory, f"{name} counters stored {stored} differ from memory {in_memory}"
+        meta = (
+            self.applied_index,
+            self.next_seq,
+            self.next_token,
+            self.next_chan_id,
+            self.pid_bucket,
+            self.last_time_ms,
+        )
+        stored_meta = queue_state._META.unpack(actual.meta) if actual.meta is not None else (0, 1, 1, 1, 0, 0)
+        assert stored_meta == meta, f"stored counters {stored_meta} != expected {meta}"
+        fields = ("applied_index", "next_seq", "next_token", "next_chan_id", "pid_bucket", "last_time_ms")
+        in_memory = tuple(getattr(state, f) for f in fields)
+        assert in_memory == meta, f"in-memory counters {in_memory} != expected {meta}"
+        leases = {seq: (seq, *row) for seq, row in self.expected.leases.items()}
+        assert {seq: astuple_lease(lease) for seq, lease in state.leases.items()} == leases
+        by_session: dict[bytes, set[int]] = {}
+        by_sub: dict[tuple[bytes, int], int] = {}
+        for seq, row in self.expected.leases.items():
+            by_session.setdefault(row[1], set()).add(seq)
+            by_sub[(row[1], row[2])] = by_sub.get((row[1], row[2]), 0) + 1
+        assert {s: set(leases) for s, leases in state.session_leases.items()} == by_session
+        assert state.subscription_inflight == by_sub
+
+
+def _unpack_counters(name: str, value: bytes) -> dict[str, int]:
+    channel = queue_state.ChannelState.unpack(name, value)
+    counters = {
+        "ready": channel.ready,
+        "delayed": channel.delayed,
+        "inflight": channel.inflight,
+        "dead": channel.dead,
+    }
+    return counters | {n: getattr(channel, n) for n in _COUNTERS[4:]}
+
+
+def _split(dkey: bytes) -> tuple[int, bytes]:
+    return int(k.U32.unpack_from(dkey)[0]), dkey[4:]
+
+
+def astuple_lease(lease: queue_state.Lease) -> tuple[object, ...]:
+    """A Lease as the tuple (seq, *unpack_lease fields)."""
+    return (
+        lease.seq,
+        lease.chan_id,
+        lease.session,
+        lease.subscription_id,
+        lease.lease_token,
+        lease.attempt,
+        lease.deadline_ms,
+        lease.max_attempts,
+        lease.retry_backoff_ms,
+        lease.retry_backoff_max_ms,
+        lease.priority,
+        lease.ready_ms,
+    )
