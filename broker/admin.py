@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from broker.node import Node
 
 MAX_PEEK = 1000
+MAX_REPLY_BODY_BYTES = 8 << 20  # peek and dead-letter listings stop early rather than build huge frames
 
 
 class AdminError(Exception):
@@ -109,9 +110,13 @@ class AdminHandler:
             Cf.MESSAGES, [k.message_key(channel.chan_id, k.unpack_ready_key(key)[3]) for key, _ in rows]
         )
         messages = []
+        body_bytes = 0
         for (key, value), record in zip(rows, records, strict=True):
             if record is None:
                 continue
+            body_bytes += len(record)
+            if messages and body_bytes > MAX_REPLY_BODY_BYTES:
+                break
             _, priority, ready_ms, seq = k.unpack_ready_key(key)
             produced_at_ms, _, message_id, body = k.unpack_message(record)
             messages.append(
@@ -137,9 +142,13 @@ class AdminHandler:
         rows = list(store.scan(Cf.DEAD, start, end, limit))
         records = store.multi_get(Cf.MESSAGES, [key for key, _ in rows])
         letters = []
+        body_bytes = 0
         for (key, value), record in zip(rows, records, strict=True):
             if record is None:
                 continue
+            body_bytes += len(record)
+            if letters and body_bytes > MAX_REPLY_BODY_BYTES:
+                break
             attempts, dead_at_ms, reason = k.unpack_dead(value)
             produced_at_ms, priority, message_id, body = k.unpack_message(record)
             letters.append(

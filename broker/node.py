@@ -32,7 +32,7 @@ from broker.commands import (
 )
 from broker.keys import Cf, message_key, unpack_message
 from broker.queue_state import CommandResult, Leased, ProduceOutcome, QueueState, session_key
-from broker.scheduler import Scheduler, Subscription
+from broker.scheduler import Scheduler, Session, Subscription
 from broker.store import RocksStore
 from cluster.local import LocalLog
 from config import Settings
@@ -42,6 +42,7 @@ log = logging.getLogger("zbroker.node")
 MAX_FRAMES_PER_TURN = 2000
 COMPACT_EVERY_ENTRIES = 256
 COMPACT_EVERY_BYTES = 8 << 20
+SESSION_ID_BYTES = 16
 MIN_SESSION_TIMEOUT_MS = 100
 MAX_SESSION_TIMEOUT_MS = 3_600_000
 
@@ -86,7 +87,12 @@ class Node:
         self.log = LocalLog(self.store, fsync=node.fsync)
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
         self.admin = AdminHandler(self)
-        self.counters: dict[str, int] = {"frames_received": 0, "frames_rejected": 0, "entries_appended": 0}
+        self.counters: dict[str, int] = {
+            "frames_received": 0,
+            "frames_rejected": 0,
+            "items_rejected": 0,
+            "entries_appended": 0,
+        }
         self.started_at_ms = now_ms()
         self._stopping = False
         self._turn = _Turn()
@@ -255,14 +261,15 @@ class Node:
                     raise p.FrameError(p.ErrorCode.SESSION_UNKNOWN, "no session for this client: send HELLO")
                 self._send(routing_id, p.HEARTBEAT_FRAME)
             case p.Hello(timeout_ms, _):
-                if len(routing_id) > 16 or routing_id[:1] == b"\x00":
+                if len(routing_id) != SESSION_ID_BYTES or routing_id[:1] == b"\x00":
                     raise p.FrameError(
                         p.ErrorCode.INVALID_ARGUMENT,
-                        "set a routing id of 1..16 bytes not starting with 0 to HELLO",
+                        f"HELLO needs a routing id of exactly {SESSION_ID_BYTES} bytes not starting with 0: "
+                        "it names the session",
                     )
                 timeout_ms = timeout_ms or self.session_timeout_ms
                 timeout_ms = min(max(timeout_ms, MIN_SESSION_TIMEOUT_MS), MAX_SESSION_TIMEOUT_MS)
-                self.scheduler.attach(routing_id, timeout_ms, now)
+                attached = self.scheduler.attach(routing_id, timeout_ms, now)
                 welcome = {
                     "node": self.node_id,
                     "session_timeout_ms": timeout_ms,
@@ -271,6 +278,7 @@ class Node:
                     "leader": self.settings.node.client_endpoint,
                 }
                 self._send(routing_id, p.encode(p.Command.WELCOME, welcome))
+                self._redeliver(attached)
             case p.Subscribe(rid):
                 if session is None:
                     raise p.FrameError(
@@ -328,10 +336,11 @@ class Node:
             else:
                 slots.append(position)
                 self._turn.produce.append(item)
+                continue
+            self.counters["items_rejected"] += 1
         if slots:
             self._turn.produce_waiters.append((routing_id, frame.request_id, results, slots))
         else:
-            self.counters["frames_rejected"] += 1
             self._send(routing_id, p.encode_reply(frame.request_id, {"r": results}))
 
     # ------------------------------------------------------------------ answers
@@ -374,7 +383,33 @@ class Node:
         session = self.scheduler.sessions.get(first.session)
         if session is None or session.routing_id is None:
             return  # the session went away; the leases expire with it
-        leased: list[Leased] = result  # type: ignore[assignment]
+        self._send_deliveries(session.routing_id, first.subscription_id, result)  # type: ignore[arg-type]
+
+    def _redeliver(self, session: Session) -> None:
+        """Send a (re-)attached session every lease it holds again: deliveries may have been lost with the
+        old connection, and a session holding leases it does not know of would stall on its credit.
+        Clients ignore deliveries they are already handling (same seq and lease token)."""
+        held = self.state.session_leases.get(session.session)
+        if not held or session.routing_id is None:
+            return
+        by_subscription: dict[int, list[Leased]] = {}
+        for lease in held.values():
+            channel = self.state.channels_by_id[lease.chan_id]
+            by_subscription.setdefault(lease.subscription_id, []).append(
+                Leased(
+                    lease.session,
+                    lease.subscription_id,
+                    lease.chan_id,
+                    channel.name,
+                    lease.seq,
+                    lease.lease_token,
+                    lease.attempt,
+                )
+            )
+        for subscription_id, leased in by_subscription.items():
+            self._send_deliveries(session.routing_id, subscription_id, leased)
+
+    def _send_deliveries(self, routing_id: bytes, subscription_id: int, leased: list[Leased]) -> None:
         records = self.store.multi_get(
             Cf.MESSAGES, [message_key(lease.chan_id, lease.seq) for lease in leased]
         )
@@ -387,14 +422,15 @@ class Node:
             rows.append(
                 (lease.seq, lease.lease_token, lease.attempt, message_id, produced_at_ms, lease.channel, body)
             )
-        self._send(session.routing_id, p.encode_deliver(first.subscription_id, rows))
+        self._send(routing_id, p.encode_deliver(subscription_id, rows))
 
     def send_reply(self, routing_id: bytes, rid: int, result: dict[str, Any]) -> None:
         """Queue a reply to an admin request."""
         self._send(routing_id, p.encode_reply(rid, result))
 
     def send_error(self, routing_id: bytes, rid: int, code: p.ErrorCode, message: str) -> None:
-        """Queue an error answer."""
+        """Queue an error answer (a refused request: counted)."""
+        self.counters["frames_rejected"] += 1
         self._send(routing_id, p.encode_error(rid, code, message))
 
     def propose(self, command: LogCommand, callback: ResultCallback) -> None:

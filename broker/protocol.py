@@ -19,6 +19,7 @@ from typing import Any
 
 import bson
 from bson.errors import BSONError
+from bson.int64 import Int64
 
 PROTOCOL_VERSION = 1
 MAGIC = b"ZB"
@@ -30,6 +31,8 @@ MAX_REASON_CHARS = 1000
 PRIORITY_MIN = -(2**31)
 PRIORITY_MAX = 2**31 - 1
 _U32_MAX = 2**32 - 1
+# BSON int64 values decode as ``bson.int64.Int64`` (an int subclass); bool, also an int subclass, is not one.
+_INTS = frozenset({int, Int64})
 _U63_MAX = 2**63 - 1
 
 _CHANNEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_][A-Za-z0-9_.:\-]*)*")
@@ -253,8 +256,23 @@ NodeFrame = Welcome | Heartbeat | Reply | Deliver | Error
 # --------------------------------------------------------------------------- validation helpers
 
 
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_KEPT = 4096
+
+
 def channel_name_problem(name: object) -> str | None:
     """Say what is wrong with a channel name, or None when it is valid."""
+    if isinstance(name, str) and name in _VALID_NAMES:
+        return None
+    problem = _channel_name_problem(name)
+    if problem is None:
+        if len(_VALID_NAMES) >= _VALID_NAMES_KEPT:
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(name)  # type: ignore[arg-type]
+    return problem
+
+
+def _channel_name_problem(name: object) -> str | None:
     if not isinstance(name, str):
         return f"channel name must be a string, got {type(name).__name__}"
     if not name:
@@ -327,11 +345,11 @@ class _Fields:
         value = self.doc.get(name, default)
         if value is None:
             raise self.fail(f"field {name!r} is missing")
-        if type(value) is not int:
+        if type(value) not in _INTS:
             raise self.fail(f"field {name!r} must be an integer, got {type(value).__name__}")
         if not low <= value <= high:
             raise self.fail(f"field {name!r} = {value} is outside {low}..{high}", ErrorCode.INVALID_ARGUMENT)
-        return value
+        return int(value)
 
     def string(self, name: str, max_chars: int, default: str | None = None) -> str:
         value = self.doc.get(name, default)
@@ -392,7 +410,7 @@ def decode_client(frames: list[bytes]) -> ClientFrame:
             return Subscribe(
                 rid,
                 fields.integer("sub", 1, _U32_MAX),
-                fields.string("channel", MAX_CHANNEL_NAME_CHARS),
+                fields.string("channel", 10 * MAX_CHANNEL_NAME_CHARS),
                 fields.integer("max_parallel", 1, 100_000),
                 fields.integer("max_attempts", 1, 1_000_000),
                 fields.integer("retry_backoff_ms", 0, 86_400_000),
@@ -433,17 +451,20 @@ def _produce_item(fields: _Fields, row: Any, index: int) -> ProduceItem:
         if (
             type(produce_id) is str
             and 0 < len(produce_id) <= MAX_PRODUCE_ID_CHARS
+            and produce_id.isascii()
             and type(channel) is str
             and type(body) is bytes
-            and type(priority) is int
+            and type(priority) in _INTS
             and PRIORITY_MIN <= priority <= PRIORITY_MAX
-            and type(delay_ms) is int
+            and type(delay_ms) in _INTS
             and 0 <= delay_ms <= _MAX_DELAY_MS
-            and type(dedup_ms) is int
+            and type(dedup_ms) in _INTS
             and 0 <= dedup_ms <= _MAX_DEDUP_MS
             and (dedup_hash is None or (type(dedup_hash) is bytes and 0 < len(dedup_hash) <= MAX_HASH_BYTES))
         ):
-            return ProduceItem(produce_id, channel, body, priority, delay_ms, dedup_ms, dedup_hash)
+            return ProduceItem(
+                produce_id, channel, body, int(priority), int(delay_ms), int(dedup_ms), dedup_hash
+            )
     raise _produce_item_error(fields, row, index)
 
 
@@ -461,8 +482,11 @@ def _produce_item_error(fields: _Fields, row: Any, index: int) -> FrameError:
             f"field 'hash' must be null or 1..{MAX_HASH_BYTES} bytes of binary", ErrorCode.INVALID_ARGUMENT
         )
     try:
-        if not item.string("id", MAX_PRODUCE_ID_CHARS):
-            return item.fail("field 'id' must not be empty", ErrorCode.INVALID_ARGUMENT)
+        produce_id = item.string("id", MAX_PRODUCE_ID_CHARS)
+        if not produce_id or not produce_id.isascii():
+            return item.fail(
+                f"field 'id' must be 1..{MAX_PRODUCE_ID_CHARS} ASCII characters", ErrorCode.INVALID_ARGUMENT
+            )
         item.string("channel", 10 * MAX_CHANNEL_NAME_CHARS)
         item.integer("priority", PRIORITY_MIN, PRIORITY_MAX)
         item.integer("delay_ms", 0, _MAX_DELAY_MS)
@@ -472,27 +496,43 @@ def _produce_item_error(fields: _Fields, row: Any, index: int) -> FrameError:
     return item.fail("invalid item")
 
 
+def _is_u63(value: Any) -> bool:
+    return type(value) in _INTS and 0 <= value <= _U63_MAX
+
+
 def _lease_ref(fields: _Fields, row: Any) -> LeaseRef:
-    if not (
-        isinstance(row, list) and len(row) == 2 and all(type(v) is int and 0 <= v <= _U63_MAX for v in row)
-    ):
+    if not (isinstance(row, list) and len(row) == 2 and _is_u63(row[0]) and _is_u63(row[1])):
         raise fields.fail("each item must be [seq, lease_token] with non-negative integers")
-    return LeaseRef(row[0], row[1])
+    return LeaseRef(int(row[0]), int(row[1]))
 
 
 def _nack_item(fields: _Fields, row: Any) -> NackItem:
     if not (
         isinstance(row, list)
         and len(row) == 4
-        and type(row[0]) is int
-        and type(row[1]) is int
-        and 0 <= row[0] <= _U63_MAX
-        and 0 <= row[1] <= _U63_MAX
+        and _is_u63(row[0])
+        and _is_u63(row[1])
         and isinstance(row[2], bool)
         and isinstance(row[3], str)
     ):
         raise fields.fail("each item must be [seq, lease_token, release: bool, reason: string]")
-    return NackItem(row[0], row[1], row[2], row[3][:MAX_REASON_CHARS])
+    return NackItem(int(row[0]), int(row[1]), row[2], row[3][:MAX_REASON_CHARS])
+
+
+_ERROR_CODES = frozenset(int(code) for code in ErrorCode)
+_DELIVERY_TYPES = ((int, Int64), (int, Int64), (int, Int64), (str,), (int, Int64), (str,), (bytes,))
+
+
+def _delivery(fields: _Fields, row: Any) -> Delivery:
+    if not (
+        type(row) is list
+        and len(row) == 7
+        and all(type(value) in types for value, types in zip(row, _DELIVERY_TYPES, strict=True))
+    ):
+        raise fields.fail(
+            "each row of 'm' must be [seq, lease_token, attempt, id, produced_at_ms, channel, body]"
+        )
+    return Delivery(int(row[0]), int(row[1]), int(row[2]), row[3], int(row[4]), row[5], row[6])
 
 
 def decode_node(frames: list[bytes]) -> NodeFrame:
@@ -517,11 +557,12 @@ def decode_node(frames: list[bytes]) -> NodeFrame:
             rows = doc.get("m")
             if not isinstance(rows, list):
                 raise fields.fail("field 'm' must be an array")
-            return Deliver(fields.integer("sub", 0, _U32_MAX), tuple(Delivery(*row) for row in rows))
+            return Deliver(fields.integer("sub", 0, _U32_MAX), tuple(_delivery(fields, row) for row in rows))
         case Command.ERROR:
+            code = fields.integer("code", 0, 255)
             return Error(
                 fields.integer("rid", 0, _U32_MAX, 0),
-                ErrorCode(fields.integer("code", 0, 255)),
+                ErrorCode(code) if code in _ERROR_CODES else ErrorCode.INTERNAL,
                 fields.string("message", 100_000, ""),
                 fields.string("leader", 1000, ""),
             )

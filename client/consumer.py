@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import enum
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -86,6 +87,9 @@ class Consumer(Generic[T]):
             else ThreadPoolExecutor(max_parallel, thread_name_prefix=f"zbroker-{channel.name}")
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        # (seq, lease_token) of deliveries being handled: a node re-sends a session's leases when it
+        # re-attaches, and those already in hand must not run twice.
+        self._active: set[tuple[int, int]] = set()
         self.subscription_id = queue.register(self)
 
     def __repr__(self) -> str:
@@ -131,9 +135,17 @@ class Consumer(Generic[T]):
                     p.Command.NACK, (delivery.seq, delivery.lease_token, True, "consumer closing")
                 )
                 continue
+            key = (delivery.seq, delivery.lease_token)
+            if key in self._active:
+                continue
+            self._active.add(key)
             task = asyncio.create_task(self._process(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._finished, key))
+
+    def _finished(self, key: tuple[int, int], task: asyncio.Task[None]) -> None:
+        self._active.discard(key)
 
     def _settle_later(self, command: p.Command, wire: Any) -> asyncio.Future[Any]:
         future = self.queue.connection.enqueue(command, wire)

@@ -129,7 +129,7 @@ _BY_CODE: dict[ErrorCode, type[BrokerError]] = {
     ErrorCode.INVALID_CHANNEL: InvalidChannelError,
     ErrorCode.MESSAGE_TOO_LARGE: MessageTooLargeError,
     ErrorCode.INVALID_ARGUMENT: InvalidArgumentError,
-    ErrorCode.INVALID_PAYLOAD: InvalidArgumentError,
+    ErrorCode.INVALID_PAYLOAD: PayloadValidationError,
     ErrorCode.SESSION_UNKNOWN: SessionUnknownError,
     ErrorCode.STALE_LEASE: StaleLeaseError,
     ErrorCode.NOT_LEADER: NotLeaderError,

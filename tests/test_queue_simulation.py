@@ -34,19 +34,21 @@ from broker.commands import (
     ExpireCmd,
     LeaseCmd,
     LogCommand,
+    LogEntry,
     NackCmd,
     PurgeCmd,
     PurgeDeadCmd,
     RequeueDeadCmd,
 )
-from broker.protocol import LeaseRef, NackItem, ProduceItem
-from broker.queue_state import CommandResult, Leased, session_key
+from broker.keys import Cf
+from broker.protocol import ErrorCode, LeaseRef, NackItem, ProduceItem
+from broker.queue_state import ChannelState, CommandResult, Leased, ProduceOutcome, session_key
 from broker.ready_head import HEAD_CAPACITY
 from broker.store import MemoryStore
 from tests.helpers.simulation import Core, Model, View, restored_copy, view
 
 SEEDS = int(os.environ.get("ZBROKER_SIM_SEEDS", "200"))
-STEPS = int(os.environ.get("ZBROKER_SIM_STEPS", "300"))
+STEPS = int(os.environ.get("ZBROKER_SIM_STEPS", "250"))
 REPLAY_SEED = os.environ.get("ZBROKER_SIM_SEED")
 CHANNELS = ("sim/a", "sim/b", "sim/ordered")
 TRACE_STEPS = 12
@@ -128,6 +130,8 @@ class World:
         self._view: tuple[int, View] | None = None
         self.stats = collections.Counter[str]()
         self.senders: set[bytes] = set()
+        self.restarts = 0
+        self._checked = (-1, -1)
 
     def _client(self, name: bytes, *, ordered: bool = False) -> Client:
         rng = self.rng
@@ -147,8 +151,8 @@ class World:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, steps: int) -> None:
-        """Run ``steps`` steps, checking every invariant after each."""
+    def run(self, steps: int) -> collections.Counter[str]:
+        """Run ``steps`` steps, checking every invariant after each; what happened, counted."""
         for step in range(steps):
             try:
                 self.step(step)
@@ -160,6 +164,10 @@ class World:
                     f"  replay: ZBROKER_SIM_SEED={self.seed} ZBROKER_SIM_STEPS={step + 1} "
                     ".venv/bin/pytest tests/test_queue_simulation.py -k replay"
                 ) from exc
+        for channel in self.model.channels.values():
+            for counter in ("dead_total", "expired_total", "nacked_total"):
+                self.stats[counter] += channel.counters[counter]
+        return self.stats
 
     def step(self, step: int) -> None:
         """One loop turn of the node and what every client did before it."""
@@ -169,12 +177,13 @@ class World:
         first: list[LogCommand] = []
         acks: list[LeaseRef] = []
         nacks: list[NackItem] = []
-        for client in self.clients:
-            self._client_acts(client, first, acks, nacks)
         admin = self._admin()
         if isinstance(admin, PurgeCmd) and KNOWN_PURGE_NEEDS_OWN_ENTRY:
             self._alone(admin)
-        elif admin is not None:
+            admin = None
+        for client in self.clients:
+            self._client_acts(client, first, acks, nacks)
+        if admin is not None:
             first.insert(rng.randint(0, len(first)), admin)
         produce = self._produce()
         self.senders = {client.name for client in self.clients if client.mode == "live"}
@@ -198,7 +207,7 @@ class World:
             self._crash(crash)
             return
         results = self.core.apply(index, entry)
-        self.model.apply(index, entry, results)
+        self._applied(index, entry, results)
         if crash == "unanswered":
             self._crash(crash)
             return
@@ -210,9 +219,20 @@ class World:
             self.images.append(restored_copy(self.core.store))
         self._check_after(self._current_view(), planned=True)
 
+    def _applied(self, index: int, entry: LogEntry, results: list[CommandResult]) -> None:
+        """The model checks what applying an entry answered; the stats count what was exercised."""
+        self.model.apply(index, entry, results)
+        for command, result in zip(entry.commands, results, strict=True):
+            self.stats[type(command).__name__] += 1
+            if isinstance(result, list):
+                self.stats["stale"] += sum(1 for r in result if r is ErrorCode.STALE_LEASE)
+                self.stats["duplicate"] += sum(
+                    1 for r in result if isinstance(r, ProduceOutcome) and r.duplicate
+                )
+
     def _alone(self, command: LogCommand) -> None:
         index, entry = self.core.append(self.now_ms, [command])
-        self.model.apply(index, entry, self.core.apply(index, entry))
+        self._applied(index, entry, self.core.apply(index, entry))
         self._check_after(self._current_view(), planned=False)
 
     # ------------------------------------------------------------------ clients
@@ -313,6 +333,7 @@ class World:
         for _ in range(rng.choices([0, 1, 2, 3], weights=[3, 4, 2, 1])[0]):
             retry = [pid for pid in self.recent_ids if now - self.sent[pid][0] < self.model.window_ms // 2]
             if retry and rng.random() < 0.1:
+                self.stats["retried_produce"] += 1
                 items.append(self.sent[rng.choice(retry)][1])  # a retry after a timeout: same id, same item
                 continue
             self.produce_counter += 1
@@ -354,7 +375,7 @@ class World:
         replayed = self.core.restart(self.now_ms, one_by_one=self.rng.random() < 0.5)
         for index, entry, results in replayed:
             assert index > applied_before
-            self.model.apply(index, entry, results)
+            self._applied(index, entry, results)
         self._after_restart()
         self._check_after(self._current_view(), planned=False)
 
@@ -368,7 +389,7 @@ class World:
         assert replayed, "an old image must be behind the log"
         after = self.core.store.snapshot_items()
         for cf, rows in before.items():
-            assert after[cf] == rows, (
+            assert _masked(cf, after[cf]) == _masked(cf, rows), (
                 f"replaying the log over an old image gave another {cf.value} column family"
             )
         self.images = collections.deque([restored_copy(image)], maxlen=3)
@@ -376,6 +397,7 @@ class World:
         self._check_after(self._current_view(), planned=False)
 
     def _after_restart(self) -> None:
+        self.restarts += 1
         for client in self.clients:
             client.attached = False  # the client library says HELLO again and re-subscribes
         self._view = None
@@ -444,7 +466,10 @@ class World:
     def _check_after(self, current: View, *, planned: bool) -> None:
         """The store matches the model; timers that fired were handled; credit and ownership hold."""
         state, now = self.core.state, self.now_ms
-        self.model.check(current, state)
+        checked = (self.restarts, self.core.store.writes)
+        if checked != self._checked:  # nothing applied since the last check: the model agreed already
+            self.model.check(current, state)
+            self._checked = checked
         if planned:
             for seq, (key, _, _) in current.delayed.items():
                 due = k.unpack_delayed_key(key)[1]
@@ -469,6 +494,19 @@ class World:
                     assert lease.session == client.key, f"{client.name!r} holds a lease of {lease.session!r}"
 
 
+def _masked(cf: Cf, rows: dict[bytes, bytes]) -> dict[bytes, object]:
+    """Rows to compare, the channel counters of known bugs left out."""
+    if cf is not Cf.CHANNELS or not KNOWN_UNPERSISTED_COUNTERS:
+        return dict(rows)
+    masked: dict[bytes, object] = {}
+    for name, value in rows.items():
+        channel = ChannelState.unpack(name.decode(), value)
+        for counter in KNOWN_UNPERSISTED_COUNTERS:
+            setattr(channel, counter, 0)
+        masked[name] = channel.pack()
+    return masked
+
+
 def _keys(keys: list[bytes]) -> list[tuple[int, int, int]]:
     return [k.unpack_ready_key(key)[1:] for key in keys]
 
@@ -485,15 +523,15 @@ def test_random_worlds_keep_every_invariant() -> None:
     # Given SEEDS seeded worlds of producers, consumers, an admin and a crashing node
     totals: collections.Counter[str] = collections.Counter()
     for seed in range(SEEDS):
-        world = World(seed)
         # When each runs STEPS turns
-        world.run(STEPS)
-        totals += world.stats
+        totals += World(seed).run(STEPS)
     # Then every invariant held after every step (World.run raises with the seed otherwise),
-    # and the worlds did exercise deliveries and every kind of crash
-    assert totals["delivered"] > SEEDS * STEPS // 10
-    for kind in ("lost", "unapplied", "unanswered", "power"):
-        assert totals[f"crash_{kind}"] > 0, totals
+    # and the worlds did exercise deliveries, failures, fencing, deduplication and every crash
+    assert totals["delivered"] > SEEDS * STEPS // 10, totals
+    exercised = ["stale", "duplicate", "retried_produce", "dead_total", "expired_total", "nacked_total"]
+    exercised += [f"crash_{kind}" for kind in ("lost", "unapplied", "unanswered", "power")]
+    exercised += ["PromoteCmd", "ExpireCmd", "ExpireDedupCmd", "PurgeCmd", "RequeueDeadCmd", "PurgeDeadCmd"]
+    assert all(totals[name] > 0 for name in exercised), totals
 
 
 @pytest.mark.skipif(REPLAY_SEED is None, reason="set ZBROKER_SIM_SEED=<seed> to replay one simulation")

@@ -269,19 +269,36 @@ class View:
     pids: dict[bytes, bytes]
     channels: dict[str, bytes]
     meta: bytes | None
+    _counts: dict[int, dict[str, int]] | None = None
+    _ready_keys: dict[int, list[bytes]] | None = None
 
     def ready_keys(self, chan_id: int) -> list[bytes]:
         """The ready keys of one channel in queue order."""
-        return sorted(key for key, _ in self.ready.values() if k.unpack_ready_key(key)[0] == chan_id)
+        if self._ready_keys is None:
+            by_chan: dict[int, list[bytes]] = {}
+            for key, _ in self.ready.values():
+                by_chan.setdefault(int.from_bytes(key[:4], "big"), []).append(key)
+            self._ready_keys = {chan: sorted(keys) for chan, keys in by_chan.items()}
+        return self._ready_keys.get(chan_id, [])
 
     def count(self, chan_id: int) -> dict[str, int]:
         """How many ready, delayed, in-flight and dead messages a channel has in the store."""
-        return {
-            "ready": sum(1 for key, _ in self.ready.values() if k.unpack_ready_key(key)[0] == chan_id),
-            "delayed": sum(1 for key, *_ in self.delayed.values() if k.unpack_delayed_key(key)[0] == chan_id),
-            "inflight": sum(1 for lease in self.leases.values() if lease[0] == chan_id),
-            "dead": sum(1 for dead in self.dead.values() if dead[0] == chan_id),
-        }
+        if self._counts is None:
+            counts: dict[int, dict[str, int]] = {}
+
+            def add(chan: int, index: str) -> None:
+                counts.setdefault(chan, {"ready": 0, "delayed": 0, "inflight": 0, "dead": 0})[index] += 1
+
+            for key, _ in self.ready.values():
+                add(int.from_bytes(key[:4], "big"), "ready")
+            for key, *_ in self.delayed.values():
+                add(int.from_bytes(key[:4], "big"), "delayed")
+            for lease in self.leases.values():
+                add(lease[0], "inflight")
+            for dead in self.dead.values():
+                add(dead[0], "dead")
+            self._counts = counts
+        return self._counts.get(chan_id, {"ready": 0, "delayed": 0, "inflight": 0, "dead": 0})
 
     def where(self, seq: int) -> list[str]:
         """The indexes that hold message ``seq`` (exactly one for a live message)."""
@@ -301,20 +318,29 @@ def _dupes(kind: str, seqs: list[int]) -> None:
     assert len(seqs) == len(set(seqs)), f"a message appears twice in the {kind} index: {sorted(seqs)}"
 
 
+_MESSAGE_CACHE: dict[bytes, tuple[int, tuple[int, str, int, bytes, int]]] = {}
+
+
 def view(store: MemoryStore) -> View:
     """Read the state-machine column families of ``store``."""
     data = store.snapshot_items()
     messages = {}
     for key, value in data[Cf.MESSAGES].items():
-        chan_id, seq = k.unpack_chan_seq(key)
-        produced_ms, priority, message_id, body = k.unpack_message(value)
-        messages[seq] = (chan_id, message_id, priority, body, produced_ms)
-    ready_seqs = [k.unpack_ready_key(key)[3] for key in data[Cf.READY]]
-    _dupes("ready", ready_seqs)
+        parsed = _MESSAGE_CACHE.get(key + value)
+        if parsed is None:
+            chan_id, seq = k.unpack_chan_seq(key)
+            produced_ms, priority, message_id, body = k.unpack_message(value)
+            parsed = _MESSAGE_CACHE[key + value] = (seq, (chan_id, message_id, priority, body, produced_ms))
+            if len(_MESSAGE_CACHE) > 100_000:
+                _MESSAGE_CACHE.clear()
+        messages[parsed[0]] = parsed[1]
+    # The seq is the last 8 bytes of a ready key (see broker.keys); attempts a big-endian u16.
     ready = {
-        seq: (key, k.unpack_attempts(value))
-        for seq, (key, value) in zip(ready_seqs, data[Cf.READY].items(), strict=True)
+        int.from_bytes(key[-8:], "big"): (key, int.from_bytes(value, "big"))
+        for key, value in data[Cf.READY].items()
     }
+    if len(ready) != len(data[Cf.READY]):
+        _dupes("ready", [k.unpack_ready_key(key)[3] for key in data[Cf.READY]])
     delayed_seqs = [k.unpack_delayed_key(key)[2] for key in data[Cf.DELAYED]]
     _dupes("delayed", delayed_seqs)
     delayed = {
@@ -391,7 +417,9 @@ class Model:
         self.expected = View({}, {}, {}, {}, {}, {}, set(), {}, {}, None)
         self.channels: dict[str, ModelChannel] = {}
         self.by_id: dict[int, ModelChannel] = {}
-        self.pids: dict[tuple[int, str], tuple[bool, str]] = {}
+        self.pids: dict[
+            bytes, bytes
+        ] = {}  # as stored: pid_key(bucket, id) -> pack_pid(duplicate, message id)
         self.windows: dict[bytes, tuple[int, str]] = {}  # dedup key -> expires_ms, message id
         self.applied_index = 0
         self.next_seq = 1
@@ -409,7 +437,8 @@ class Model:
         self.last_time_ms = now_ms
         bucket = now_ms // self.window_ms
         if bucket > self.pid_bucket:
-            self.pids = {key: value for key, value in self.pids.items() if key[0] >= bucket - 1}
+            oldest = k.U64.pack(bucket - 1) if bucket >= 1 else b""
+            self.pids = {key: value for key, value in self.pids.items() if key[:8] >= oldest}
             self.pid_bucket = bucket
         assert len(results) == len(entry.commands)
         for command, result in zip(entry.commands, results, strict=True):
@@ -458,11 +487,13 @@ class Model:
             counters[name] += change
 
     def _produce(self, item: ProduceItem, now_ms: int) -> ProduceOutcome:
-        known = self.pids.get((self.pid_bucket, item.produce_id))
+        pid_key = k.pid_key(self.pid_bucket, item.produce_id)
+        known = self.pids.get(pid_key)
         if known is None and self.pid_bucket:
-            known = self.pids.get((self.pid_bucket - 1, item.produce_id))
+            known = self.pids.get(k.pid_key(self.pid_bucket - 1, item.produce_id))
         if known is not None:
-            return ProduceOutcome(known[1], known[0])
+            duplicate, message_id = k.unpack_pid(known)
+            return ProduceOutcome(message_id, duplicate)
         channel = self.channels.get(item.channel)
         if channel is None:
             problem = channel_name_problem(item.channel)
@@ -478,7 +509,7 @@ class Model:
             window = self.windows.get(dkey)
             if window is not None and window[0] > now_ms:
                 self._count(chan_id, duplicates_total=1)
-                self.pids[(self.pid_bucket, item.produce_id)] = (True, window[1])
+                self.pids[pid_key] = k.pack_pid(True, window[1])
                 return ProduceOutcome(window[1], True)
             self.windows[dkey] = (now_ms + item.dedup_ms, item.produce_id)
         seq = self.next_seq
@@ -488,7 +519,7 @@ class Model:
             self._to_delayed(chan_id, now_ms + item.delay_ms, seq, item.priority, 0)
         else:
             self._to_ready(chan_id, item.priority, now_ms, seq, 0)
-        self.pids[(self.pid_bucket, item.produce_id)] = (False, item.produce_id)
+        self.pids[pid_key] = k.pack_pid(False, item.produce_id)
         self._count(chan_id, produced_total=1)
         return ProduceOutcome(item.produce_id, False)
 
@@ -645,17 +676,18 @@ class Model:
                 }
                 raise AssertionError(f"{name} index differs (seq: (expected, stored)): {wrong}")
         live = set(expected.messages)
-        for seq in live:
-            where = actual.where(seq)
-            assert len(where) == 1, f"message {seq} is in {where or 'no index'}, not exactly one"
-        orphans = (set(actual.ready) | set(actual.delayed) | set(actual.leases) | set(actual.dead)) - live
-        assert not orphans, f"index entries without a message body: {sorted(orphans)}"
+        indexes = (actual.ready, actual.delayed, actual.leases, actual.dead)
+        indexed = set().union(*indexes)
+        if indexed != live or sum(map(len, indexes)) != len(live):
+            wrong = [seq for seq in sorted(indexed | live) if len(actual.where(seq)) != 1]
+            raise AssertionError(
+                f"messages not in exactly one index: {[(s, actual.where(s)) for s in wrong]}"
+            )
         dedup = {dkey: window for dkey, window in self.windows.items()}
         assert actual.dedup == dedup, f"dedup records {actual.dedup} != open windows {dedup}"
         expiry = {k.dedup_expiry_key(expires_ms, *_split(dkey)) for dkey, (expires_ms, _) in dedup.items()}
         assert actual.dedup_expiry == expiry, "dedup expiry index does not match the dedup records"
-        pids = {k.pid_key(bucket, pid): k.pack_pid(*answer) for (bucket, pid), answer in self.pids.items()}
-        assert actual.pids == pids, f"produce ids stored {sorted(actual.pids)} != remembered {sorted(pids)}"
+        assert actual.pids == self.pids, f"produce ids stored {sorted(actual.pids)} != {sorted(self.pids)}"
         self._check_counters(actual, state)
 
     def _check_counters(self, actual: View, state: QueueState) -> None:
@@ -708,14 +740,8 @@ class Model:
 
 
 def _unpack_counters(name: str, value: bytes) -> dict[str, int]:
-    channel = queue_state.ChannelState.unpack(name, value)
-    counters = {
-        "ready": channel.ready,
-        "delayed": channel.delayed,
-        "inflight": channel.inflight,
-        "dead": channel.dead,
-    }
-    return counters | {n: getattr(channel, n) for n in _COUNTERS[4:]}
+    # The stored layout is chan_id then the counters in ChannelState field order (= _COUNTERS).
+    return dict(zip(_COUNTERS, queue_state._CHANNEL.unpack(value)[1:], strict=True))
 
 
 def _split(dkey: bytes) -> tuple[int, bytes]:
