@@ -109,7 +109,7 @@ class AdminHandler:
         records = store.multi_get(
             Cf.MESSAGES, [k.message_key(channel.chan_id, k.unpack_ready_key(key)[3]) for key, _ in rows]
         )
-        messages = []
+        messages: list[dict[str, Any]] = []
         body_bytes = 0
         for (key, value), record in zip(rows, records, strict=True):
             if record is None:
@@ -141,7 +141,7 @@ class AdminHandler:
         store = self.node.store
         rows = list(store.scan(Cf.DEAD, start, end, limit))
         records = store.multi_get(Cf.MESSAGES, [key for key, _ in rows])
-        letters = []
+        letters: list[dict[str, Any]] = []
         body_bytes = 0
         for (key, value), record in zip(rows, records, strict=True):
             if record is None:
