@@ -1026,3 +1026,81 @@ def test_entries_survive_the_log_codec() -> None:
     # When encoded and decoded
     # Then it is unchanged
     assert decode_entry(encode_entry(entry)) == entry
+
+
+# ---------------------------------------------------------------------------------- known core bugs
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: QueueState._produce counts a deduplicated produce (duplicates_total += 1) without "
+    "adding the channel to _dirty, so an entry whose only change to a channel is a duplicate never "
+    "saves the counter and a restart forgets it",
+)
+def test_the_duplicates_counter_of_a_duplicate_only_entry_survives_a_restart() -> None:
+    # Given a message accepted with a deduplication window
+    core = Core()
+    body = bson.encode({"n": 1})
+    core.turn(T0, produce=[item("a", body=body, dedup_ms=1000)])
+    # When an entry holds nothing but a duplicate of it
+    assert core.turn(T0 + 1, produce=[item("b", body=body, dedup_ms=1000)]).produced[0].duplicate
+    assert stats(core)["duplicates_total"] == 1
+    # Then the counter is stored: a restarted node still reports it
+    reloaded = QueueState(core.store, produce_id_window_ms=core.produce_id_window_ms)
+    assert reloaded.channels[CH].duplicates_total == 1
+
+
+_PURGE_BUG = (
+    "BUG: QueueState._purge deletes the channel's READY/DELAYED rows with Batch.delete_range and "
+    "MESSAGES rows with Batch.delete, bypassing _overlays; later commands of the same entry read the "
+    "store, which still has the rows until the final flush. A LeaseCmd/PromoteCmd the scheduler "
+    "planned before the purge (it follows the admin command in the node's entry) then leases or "
+    "promotes a purged message: counters go negative, _flush raises struct.error, and because the "
+    "entry is already in the log every restart replays it and raises again"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
+def test_a_purge_and_a_planned_lease_of_a_purged_message_in_one_entry_lease_nothing() -> None:
+    # Given a ready message and a consumer with credit
+    core = Core()
+    core.turn(T0, produce=[item("m")])
+    consumer(core, T0)
+    # When an admin purge arrives in the turn whose plan leases that message
+    commands = core.build(T0 + 1, first=[PurgeCmd(CH)])
+    assert [type(c) for c in commands] == [PurgeCmd, LeaseCmd]
+    index, entry = core.append(T0 + 1, commands)
+    results = core.apply(index, entry)
+    # Then the purge wins: nothing is leased, the message is gone, the counters are zero
+    assert results == [1, []]
+    stored = view(core.store)
+    assert (stored.messages, stored.ready, stored.leases) == ({}, {}, {})
+    assert [stats(core)[n] for n in ("ready", "in_flight", "delivered_total")] == [0, 0, 0]
+
+
+@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
+def test_a_purge_and_a_planned_promotion_of_a_purged_message_in_one_entry_promote_nothing() -> None:
+    # Given a delayed message that is due
+    core = Core()
+    core.turn(T0, produce=[item("m", delay_ms=10)])
+    # When an admin purge arrives in the turn whose plan promotes it
+    outcome = core.turn(T0 + 10, first=[PurgeCmd(CH)])
+    # Then nothing is promoted and the counters are zero
+    assert outcome.result_of(PurgeCmd) == 1
+    assert outcome.result_of(PromoteCmd) == 0
+    assert [stats(core)[n] for n in ("ready", "delayed")] == [0, 0]
+    assert view(core.store).messages == {}
+
+
+@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
+def test_a_node_restarts_after_a_purge_raced_a_planned_lease() -> None:
+    # Given the purge + lease entry of the test above, durable in the log
+    core = Core()
+    core.turn(T0, produce=[item("m")])
+    consumer(core, T0)
+    core.append(T0 + 1, core.build(T0 + 1, first=[PurgeCmd(CH)]))
+    # When the node restarts and replays it
+    core.restart(T0 + 2)
+    # Then it comes up with the message purged
+    assert core.state.applied_index == 2
+    assert view(core.store).messages == {}
