@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,15 +302,23 @@ class QueueState:
             case PromoteCmd(delayed_keys):
                 return sum(self._promote(key) for key in delayed_keys)
             case PurgeCmd(channel):
-                return self._purge(channel)
+                return self._bulk(self._purge, channel)
             case RequeueDeadCmd(channel):
-                return self._requeue_dead(channel, now_ms)
+                return self._bulk(self._requeue_dead, channel, now_ms)
             case PurgeDeadCmd(channel):
-                return self._purge_dead(channel)
+                return self._bulk(self._purge_dead, channel)
             case ExpireDedupCmd(until_ms):
-                return self._expire_dedup(until_ms)
+                return self._bulk(self._expire_dedup, until_ms)
             case NoopCmd():
                 return None
+
+    def _bulk(self, change: Callable[..., int], *args: Any) -> int:
+        """Run a bulk command between two writes: it scans the store, which must hold every earlier
+        change, and its range deletions are not in the overlays, so later commands must read the store."""
+        self._flush()
+        result = change(*args)
+        self._flush()
+        return result
 
     def _roll_pid_bucket(self, now_ms: int) -> None:
         bucket = now_ms // self.produce_id_window_ms
@@ -351,6 +359,7 @@ class QueueState:
             original_id = self._deduplicate(channel, item, now_ms)
             if original_id is not None:
                 channel.duplicates_total += 1
+                self._dirty.add(channel.chan_id)
                 self._put(Cf.PIDS, pid_key, k.pack_pid(True, original_id))
                 return ProduceOutcome(original_id, True)
         seq = self.next_seq
@@ -536,7 +545,6 @@ class QueueState:
         channel = self._channel(name, create=False)
         if channel is None:
             return 0
-        self._flush()
         start, end = k.chan_range(channel.chan_id)
         removed = 0
         for cf in (Cf.READY, Cf.DELAYED):
@@ -555,7 +563,6 @@ class QueueState:
         channel = self._channel(name, create=False)
         if channel is None:
             return 0
-        self._flush()
         start, end = k.chan_range(channel.chan_id)
         moved = 0
         for key, _ in self.store.scan(Cf.DEAD, start, end):
@@ -575,7 +582,6 @@ class QueueState:
         channel = self._channel(name, create=False)
         if channel is None:
             return 0
-        self._flush()
         start, end = k.chan_range(channel.chan_id)
         removed = 0
         for key, _ in self.store.scan(Cf.DEAD, start, end):
@@ -587,7 +593,6 @@ class QueueState:
         return removed
 
     def _expire_dedup(self, until_ms: int) -> int:
-        self._flush()
         forgotten = 0
         for key, _ in self.store.scan(Cf.DEDUP_EXPIRY, b"", k.U64.pack(until_ms + 1), EXPIRE_DEDUP_BATCH):
             expires_ms, dkey = k.split_dedup_expiry_key(key)

@@ -246,14 +246,19 @@ class Scheduler:
         return False
 
     def _expire_sessions(self, now_ms: int) -> list[LogCommand]:
-        commands: list[LogCommand] = []
+        expired: list[bytes] = []
         for session in list(self.sessions.values()):
-            if now_ms - session.last_seen_ms <= session.timeout_ms:
-                continue
-            self._drop(session)
-            refs = [
-                ref for ref in self.state.leases_of(session.session) if ref.seq not in self._pending_settled
-            ]
+            if now_ms - session.last_seen_ms > session.timeout_ms:
+                self._drop(session)
+                expired.append(session.session)
+        # A lease granted while its session was expiring is applied after the session is gone; it has
+        # no session left to time out, so it ends here too.
+        expired.extend(
+            key for key in self.state.session_leases if key not in self.sessions and key not in expired
+        )
+        commands: list[LogCommand] = []
+        for key in expired:
+            refs = [ref for ref in self.state.leases_of(key) if ref.seq not in self._pending_settled]
             if refs:
                 command = ExpireCmd(tuple(refs), "session expired")
                 self.note_settle(command)
