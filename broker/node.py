@@ -66,6 +66,7 @@ class _Turn:
     ack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
     nacks: list[p.NackItem] = field(default_factory=list)
     nack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
+    closing: list[Session] = field(default_factory=list)
 
     def add(self, command: LogCommand, callback: ResultCallback | None = None) -> None:
         self.commands.append(command)
@@ -96,7 +97,9 @@ class Node:
         self.started_at_ms = now_ms()
         self._stopping = False
         self._turn = _Turn()
-        self._outbox: list[list[bytes]] = []
+        # Frames to send at the end of the turn; a DELIVER carries its leases, released if it cannot go.
+        self._outbox: list[tuple[list[bytes], list[p.NackItem] | None]] = []
+        self._undelivered: list[p.NackItem] = []
         self._durable_applied = self.state.applied_index
         self._log_bytes_since_compaction = 0
         self._replay()
@@ -105,6 +108,9 @@ class Node:
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Refuse (rather than silently drop) frames to unknown or full peers, so undeliverable
+        # deliveries can be released at once instead of holding their leases.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.SNDHWM, 100_000)
         self.router.setsockopt(zmq.RCVHWM, 100_000)
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes + (1 << 20))
@@ -173,6 +179,15 @@ class Node:
             nack = NackCmd(tuple(turn.nacks))
             self.scheduler.note_settle(nack)
             turn.add(nack, self._answer_acks(turn.nack_waiters))
+        if self._undelivered:
+            undelivered = NackCmd(tuple(self._undelivered))
+            self._undelivered = []
+            self.scheduler.note_settle(undelivered)
+            turn.add(undelivered)
+        for session in turn.closing:  # after this turn's acks, so a session's last acks still count
+            release = self.scheduler.close(session)
+            if release is not None:
+                turn.add(release)
         for command in self.scheduler.plan(now):
             turn.add(command, self._deliver if isinstance(command, LeaseCmd) else None)
         if turn.commands:
@@ -230,16 +245,20 @@ class Node:
                     p.encode_error(0, p.ErrorCode.INTERNAL, "the node failed to handle this frame"),
                 )
 
-    def _send(self, routing_id: bytes, frames: list[bytes]) -> None:
-        self._outbox.append([routing_id, *frames])
+    def _send(self, routing_id: bytes, frames: list[bytes], leases: list[p.NackItem] | None = None) -> None:
+        self._outbox.append(([routing_id, *frames], leases))
 
     def _flush_outbox(self) -> None:
         router = self.router
-        for message in self._outbox:
+        for message, leases in self._outbox:
             try:
                 router.send_multipart(message, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry or time out
-                log.debug("dropped a frame to %s: %s", message[0].hex(), exc)
+            except zmq.ZMQError as exc:
+                # Peer gone or its queue full. A reply is re-requested by the client; a delivery's leases
+                # are released next turn so the messages go to a consumer that can take them.
+                log.debug("could not send a frame to %s: %s", message[0].hex(), exc)
+                if leases:
+                    self._undelivered.extend(leases)
         self._outbox.clear()
 
     # ------------------------------------------------------------------ frames
@@ -306,9 +325,7 @@ class Node:
                 self._send(routing_id, p.encode_reply(rid, {"existed": existed}))
             case p.Bye():
                 if session is not None:
-                    release = self.scheduler.close(session)
-                    if release is not None:
-                        self._turn.add(release)
+                    self._turn.closing.append(session)
             case p.Admin(rid, op, args):
                 self.admin.handle(routing_id, rid, op, args)
 
@@ -414,6 +431,7 @@ class Node:
             Cf.MESSAGES, [message_key(lease.chan_id, lease.seq) for lease in leased]
         )
         rows = []
+        undelivered = []
         for lease, record in zip(leased, records, strict=True):
             if record is None:
                 log.error("leased message %d of %s has no body", lease.seq, lease.channel)
@@ -422,7 +440,8 @@ class Node:
             rows.append(
                 (lease.seq, lease.lease_token, lease.attempt, message_id, produced_at_ms, lease.channel, body)
             )
-        self._send(routing_id, p.encode_deliver(subscription_id, rows))
+            undelivered.append(p.NackItem(lease.seq, lease.lease_token, True, "delivery could not be sent"))
+        self._send(routing_id, p.encode_deliver(subscription_id, rows), undelivered)
 
     def send_reply(self, routing_id: bytes, rid: int, result: dict[str, Any]) -> None:
         """Queue a reply to an admin request."""

@@ -40,9 +40,9 @@ from broker.ready_head import ReadyHead
 from broker.store import Batch, Store
 
 _META_KEY = b"meta"
-_META = struct.Struct(
-    ">QQQIQQ"
-)  # applied_index, next_seq, next_token, next_chan_id, pid_bucket, last_time_ms
+# applied_index, next_seq, next_token, next_chan_id, pid_bucket, last_time_ms, and how many commands of
+# entry applied_index + 1 are applied already (a bulk command writes mid-entry; a crash may follow).
+_META = struct.Struct(">QQQIQQI")
 _CHANNEL = struct.Struct(">I11Q")
 # Column families that applying reads back; their pending writes are mirrored in ``_overlays``.
 _READ_CFS = (Cf.PIDS, Cf.DEDUP, Cf.READY, Cf.DELAYED)
@@ -194,6 +194,7 @@ class QueueState:
         self.next_chan_id = 1
         self.pid_bucket = 0
         self.last_time_ms = 0
+        self.partial_commands = 0
         self.channels: dict[str, ChannelState] = {}
         self.channels_by_id: dict[int, ChannelState] = {}
         self.leases: dict[int, Lease] = {}
@@ -216,6 +217,7 @@ class QueueState:
                 self.next_chan_id,
                 self.pid_bucket,
                 self.last_time_ms,
+                self.partial_commands,
             ) = _META.unpack(meta)
         for name, value in self.store.scan(Cf.CHANNELS, b"", k.END):
             channel = ChannelState.unpack(name.decode(), value)
@@ -240,6 +242,7 @@ class QueueState:
                 self.next_chan_id,
                 self.pid_bucket,
                 self.last_time_ms,
+                self.partial_commands,
             ),
         )
         self.store.write(self._batch, sync=False)
@@ -277,7 +280,15 @@ class QueueState:
             now_ms = max(entry.time_ms, self.last_time_ms)
             self.last_time_ms = now_ms
             self._roll_pid_bucket(now_ms)
-            results.append([self._apply_command(command, now_ms) for command in entry.commands])
+            # Commands a crash interrupted entry ``index`` after are applied already: applying a bulk
+            # command again over later commands' changes would undo them (a release, then purged).
+            done = self.partial_commands if index == self.applied_index + 1 else 0
+            entry_results: list[CommandResult] = [None] * done
+            for position in range(done, len(entry.commands)):
+                self.partial_commands = position
+                entry_results.append(self._apply_command(entry.commands[position], now_ms))
+            self.partial_commands = 0
+            results.append(entry_results)
             self.applied_index = index
         self._flush()
         return results
@@ -317,6 +328,7 @@ class QueueState:
         change, and its range deletions are not in the overlays, so later commands must read the store."""
         self._flush()
         result = change(*args)
+        self.partial_commands += 1
         self._flush()
         return result
 

@@ -28,7 +28,7 @@ from broker.protocol import ErrorCode, LeaseRef, NackItem, ProduceItem
 from broker.queue_state import Leased, ProduceOutcome, QueueState, retry_delay_ms
 from broker.ready_head import ReadyHead
 from broker.scheduler import Session
-from broker.store import MemoryStore
+from broker.store import Batch, MemoryBatch, MemoryStore
 from tests.helpers.simulation import Core, view
 
 pytestmark = pytest.mark.timeout(30)
@@ -412,6 +412,22 @@ def test_a_delayed_message_is_promoted_by_the_scheduler_at_its_due_time() -> Non
     assert message_id(core, lease) == "d"
 
 
+def test_a_shorter_delay_produced_after_a_longer_one_is_promoted_at_its_own_time() -> None:
+    # Given a message delayed 1000 ms, and once the scheduler knows its due time, one delayed 100 ms
+    core = Core()
+    core.turn(T0, produce=[item("long", delay_ms=1000)])
+    core.turn(T0 + 1)
+    core.turn(T0 + 2, produce=[item("short", delay_ms=100)])
+    # When the scheduler plans at the short one's due time
+    outcome = core.turn(T0 + 102)
+    # Then the short one is promoted, the long one still waits
+    assert outcome.result_of(PromoteCmd) == 1
+    (seq,) = view(core.store).ready
+    assert core.state.message(1, seq) is not None
+    assert core.state.message(1, seq)[2] == "short"  # type: ignore[index]
+    assert stats(core)["delayed"] == 1
+
+
 def test_promote_ignores_keys_that_are_no_longer_delayed() -> None:
     # Given a delayed message that was promoted already
     core = Core()
@@ -738,6 +754,7 @@ def test_a_new_queue_state_on_the_same_store_restores_counters_leases_and_sequen
     # And it continues where the old one stopped: deduplication, produce ids and fresh tokens
     core.state = new
     core.scheduler = type(core.scheduler)(new, default_session_timeout_ms=core.session_timeout_ms)
+    core.scheduler.adopt_leased_sessions(T0 + 11)  # as the node does at start-up
     outcome = core.turn(
         T0 + 11, produce=[item("x"), item("y", body=b"\x05\x00\x00\x00\x00", dedup_ms=60_000), item("z")]
     )
@@ -834,6 +851,12 @@ def test_ready_head_keeps_the_smallest_keys_and_refills_after_its_bound() -> Non
     # And a key beyond the bound is left on disk
     head.insert(k.ready_key(1, 0, T0 + 1, 1), 0)
     assert len(head.keys) == 3
+    # And stays on disk even when the head has room: keys between the bound and it are not in memory
+    head.remove(smaller)
+    beyond = k.ready_key(1, 0, T0 + 1, 2)
+    head.insert(beyond, 0)
+    assert beyond not in head.keys
+    assert head.keys == keys_in_order[:2]
     # When the head is emptied and refilled, it continues after the bound and stops at the channel's end
     for key in list(head.keys):
         head.remove(key)
@@ -940,17 +963,20 @@ def test_an_ack_in_the_same_turn_frees_credit_at_once_without_exceeding_max_para
     core.turn(T0, produce=[item(f"m{n}") for n in range(6)])
     consumer(core, T0, max_parallel=2)
     a, b = core.turn(T0 + 1).leased
-    # When one is acked and one acked twice in the same turn
+    # When one is acked twice in the same turn
     outcome = core.turn(T0 + 2, acks=[ref(a), ref(a)])
     # Then the turn grants exactly one more (a duplicate ack frees no extra credit)
-    assert len(outcome.leased) == 1
+    (c,) = outcome.leased
     assert outcome.ack_codes == [ErrorCode.OK, ErrorCode.STALE_LEASE]
     assert core.state.inflight_of(b"w1", 1) == 2
-    # When one is nacked, another is acked with a wrong token
+    # When one is nacked, and the other acked with a wrong token, and the acked one acked again
     outcome = core.turn(
-        T0 + 3, nacks=[NackItem(b.seq, b.lease_token, False, "")], acks=[LeaseRef(a.seq, a.lease_token)]
+        T0 + 3,
+        nacks=[NackItem(b.seq, b.lease_token, False, "")],
+        acks=[LeaseRef(c.seq, c.lease_token + 1), ref(a)],
     )
     # Then only the valid nack frees credit
+    assert outcome.ack_codes == [ErrorCode.STALE_LEASE, ErrorCode.STALE_LEASE]
     assert len(outcome.leased) == 1
     assert core.state.inflight_of(b"w1", 1) == 2
 
@@ -1028,16 +1054,12 @@ def test_entries_survive_the_log_codec() -> None:
     assert decode_entry(encode_entry(entry)) == entry
 
 
-# ---------------------------------------------------------------------------------- known core bugs
+# ---------------------------------------------------------------------------------- regressions
+# Bugs the simulator found (tests/test_queue_simulation.py), fixed in 004e095.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: QueueState._produce counts a deduplicated produce (duplicates_total += 1) without "
-    "adding the channel to _dirty, so an entry whose only change to a channel is a duplicate never "
-    "saves the counter and a restart forgets it",
-)
 def test_the_duplicates_counter_of_a_duplicate_only_entry_survives_a_restart() -> None:
+    # Was: duplicates_total was counted without marking the channel dirty, so it was never saved.
     # Given a message accepted with a deduplication window
     core = Core()
     body = bson.encode({"n": 1})
@@ -1050,18 +1072,9 @@ def test_the_duplicates_counter_of_a_duplicate_only_entry_survives_a_restart() -
     assert reloaded.channels[CH].duplicates_total == 1
 
 
-_PURGE_BUG = (
-    "BUG: QueueState._purge deletes the channel's READY/DELAYED rows with Batch.delete_range and "
-    "MESSAGES rows with Batch.delete, bypassing _overlays; later commands of the same entry read the "
-    "store, which still has the rows until the final flush. A LeaseCmd/PromoteCmd the scheduler "
-    "planned before the purge (it follows the admin command in the node's entry) then leases or "
-    "promotes a purged message: counters go negative, _flush raises struct.error, and because the "
-    "entry is already in the log every restart replays it and raises again"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
 def test_a_purge_and_a_planned_lease_of_a_purged_message_in_one_entry_lease_nothing() -> None:
+    # Was: the purge's range deletes bypassed the read overlays, so the lease read the purged row from
+    # the store, counters went negative and the final write raised struct.error (on every replay too).
     # Given a ready message and a consumer with credit
     core = Core()
     core.turn(T0, produce=[item("m")])
@@ -1078,7 +1091,6 @@ def test_a_purge_and_a_planned_lease_of_a_purged_message_in_one_entry_lease_noth
     assert [stats(core)[n] for n in ("ready", "in_flight", "delivered_total")] == [0, 0, 0]
 
 
-@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
 def test_a_purge_and_a_planned_promotion_of_a_purged_message_in_one_entry_promote_nothing() -> None:
     # Given a delayed message that is due
     core = Core()
@@ -1092,7 +1104,6 @@ def test_a_purge_and_a_planned_promotion_of_a_purged_message_in_one_entry_promot
     assert view(core.store).messages == {}
 
 
-@pytest.mark.xfail(strict=True, reason=_PURGE_BUG)
 def test_a_node_restarts_after_a_purge_raced_a_planned_lease() -> None:
     # Given the purge + lease entry of the test above, durable in the log
     core = Core()
@@ -1104,3 +1115,74 @@ def test_a_node_restarts_after_a_purge_raced_a_planned_lease() -> None:
     # Then it comes up with the message purged
     assert core.state.applied_index == 2
     assert view(core.store).messages == {}
+
+
+def test_a_lease_applied_after_its_session_expired_still_expires() -> None:
+    # Was: only applied leases were expired with their session; a pending grant applied later stayed
+    # leased forever (reachable once entries commit after a replication delay).
+    # Given a consumer whose lease grant is proposed but not yet applied (awaiting commit)
+    core = Core(session_timeout_ms=100)
+    core.turn(T0, produce=[item("m")])
+    consumer(core, T0)
+    grant = core.append(T0 + 50, core.build(T0 + 50))
+    # When the session expires meanwhile, and the grant is applied after that
+    expiry = core.append(T0 + 200, core.build(T0 + 200))
+    core.apply(*grant)
+    core.apply(*expiry)
+    assert len(core.state.leases) == 1
+    # Then a later turn expires the orphaned lease, so the message is delivered again
+    core.turn(T0 + 5_000)
+    assert core.state.leases == {}
+    assert stats(core)["ready"] == 1
+
+
+def test_a_lease_applied_after_its_session_said_goodbye_is_expired() -> None:
+    # Given a consumer whose lease grant is proposed but not yet applied
+    core = Core()
+    core.turn(T0, produce=[item("m")])
+    session = consumer(core, T0)
+    grant = core.append(T0 + 1, core.build(T0 + 1))
+    # When the session says goodbye before the grant is applied
+    release = core.scheduler.close(session)
+    assert release is None  # nothing applied to release yet
+    core.apply(*grant)
+    assert len(core.state.leases) == 1
+    # Then the next turn expires the lease nobody will ever receive
+    outcome = core.turn(T0 + 2)
+    assert outcome.entry is not None and isinstance(outcome.entry.commands[0], ExpireCmd)
+    assert core.state.leases == {}
+    assert stats(core)["ready"] == 1
+
+
+class _Killed(Exception):
+    """The node process died inside a store write."""
+
+
+def test_a_crash_inside_an_entry_after_an_early_bulk_write_replays_without_losing_a_message() -> None:
+    # Given a leased message, and an entry: admin purge, the worker's release, the scheduler's dedup sweep
+    core = Core()
+    core.turn(T0, produce=[item("m")])
+    consumer(core, T0)
+    (lease,) = core.turn(T0 + 1).leased
+    release = NackCmd((NackItem(lease.seq, lease.lease_token, True, ""),))
+    index, entry = core.append(T0 + 2, [PurgeCmd(CH), release, ExpireDedupCmd(T0 + 2)])
+    # When the node dies in the write that completes the entry (after the sweep's early write)
+    write = core.store.write
+
+    def dying_write(batch: Batch, *, sync: bool) -> None:
+        assert isinstance(batch, MemoryBatch)
+        for _, cf, key, value in batch.ops:
+            if cf is Cf.STATE and key == b"meta" and k.U64.unpack_from(value)[0] == index:
+                raise _Killed
+        write(batch, sync=sync)
+
+    core.store.write = dying_write  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        core.apply(index, entry)
+    del core.store.write
+    # And restarts, replaying the entry
+    core.restart(T0 + 3)
+    # Then the state is the entry's: the purge found the message in flight, the release made it ready
+    assert core.state.applied_index == index
+    assert [m[1] for m in view(core.store).messages.values()] == ["m"]
+    assert (stats(core)["ready"], stats(core)["in_flight"]) == (1, 0)
