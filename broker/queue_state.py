@@ -354,9 +354,7 @@ class QueueState:
     def _produce(self, item: ProduceItem, now_ms: int) -> ProduceOutcome:
         produce_id = item.produce_id
         pid_key = k.pid_key(self.pid_bucket, produce_id)
-        known = self._get(Cf.PIDS, pid_key)
-        if known is None and self.pid_bucket:
-            known = self._get(Cf.PIDS, k.pid_key(self.pid_bucket - 1, produce_id))
+        known = self._known_produce_id(pid_key, produce_id)
         if known is not None:
             duplicate, message_id = k.unpack_pid(known)
             return ProduceOutcome(message_id, duplicate)
@@ -386,9 +384,24 @@ class QueueState:
             self._insert_delayed(channel, now_ms + item.delay_ms, seq, item.priority, 0)
         else:
             self._insert_ready(channel, item.priority, now_ms, seq, 0)
-        self._put(Cf.PIDS, pid_key, k.pack_pid(False, produce_id))
+        pid_record = k.pack_pid(False, produce_id)
+        self._batch.put(Cf.PIDS, pid_key, pid_record)
+        self._overlays[Cf.PIDS][pid_key] = pid_record
         channel.produced_total += 1
         return ProduceOutcome(produce_id, False)
+
+    def _known_produce_id(self, pid_key: bytes, produce_id: str) -> bytes | None:
+        """The record of a produce id seen in this bucket or the previous one (pending writes first)."""
+        pending = self._overlays[Cf.PIDS]
+        known = pending.get(pid_key)
+        if known is not None or not self.pid_bucket:
+            return known if known is not None else self.store.get(Cf.PIDS, pid_key)
+        previous_key = k.pid_key(self.pid_bucket - 1, produce_id)
+        known = pending.get(previous_key)
+        if known is not None:
+            return known
+        current, previous = self.store.multi_get(Cf.PIDS, (pid_key, previous_key))
+        return current if current is not None else previous
 
     def _deduplicate(self, channel: ChannelState, item: ProduceItem, now_ms: int) -> str | None:
         """The original message id if ``item`` repeats one within its window; else start a window."""

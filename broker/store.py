@@ -238,8 +238,7 @@ class RocksStore(Store):
         self._db.flush_wal(True)
 
     def get(self, cf: Cf, key: bytes) -> bytes | None:
-        value = self._families[cf].get(key)
-        return value if value is None else bytes(value)
+        return cast(bytes | None, self._families[cf].get(key))
 
     def multi_get(self, cf: Cf, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
