@@ -68,6 +68,12 @@ def _run_admin(endpoint: str, call: Callable[[BrokerAdmin], Awaitable[T]]) -> T:
         raise _fail(str(exc), ExitCode.FAILURE) from None
 
 
+def _confirm_or_exit(question: str, yes: bool) -> None:
+    """Destructive commands ask first, unless ``--yes``; declining exits with FAILURE."""
+    if not yes and not typer.confirm(question):
+        raise typer.Exit(int(ExitCode.FAILURE))
+
+
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return _plain(asdict(value))
@@ -187,8 +193,7 @@ def queue_peek(
 @queue_app.command("purge")
 def queue_purge(name: str, endpoint: EndpointOption = "", yes: YesOption = False) -> None:
     """Delete every ready and delayed message of a queue."""
-    if not yes and not typer.confirm(f"Delete every ready and delayed message of {name!r}?"):
-        raise typer.Exit(int(ExitCode.FAILURE))
+    _confirm_or_exit(f"Delete every ready and delayed message of {name!r}?", yes)
     typer.echo(f"purged {_run_admin(endpoint, lambda admin: admin.purge(name))} messages")
 
 
@@ -207,8 +212,7 @@ def dlq_list(
 @dlq_app.command("requeue")
 def dlq_requeue(name: str, endpoint: EndpointOption = "", yes: YesOption = False) -> None:
     """Move every dead letter of a queue back to ready."""
-    if not yes and not typer.confirm(f"Requeue every dead letter of {name!r}?"):
-        raise typer.Exit(int(ExitCode.FAILURE))
+    _confirm_or_exit(f"Requeue every dead letter of {name!r}?", yes)
     typer.echo(f"requeued {_run_admin(endpoint, lambda admin: admin.requeue_dead(name))} messages")
 
 

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,58 +183,77 @@ def fresh_node(workdir: Path) -> NodeProcess:
     return NodeProcess(workdir, log_level="warning").start()
 
 
-def run_rounds(rounds: int, once: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, float]:
-    results = [asyncio.run(once()) for _ in range(rounds)]
+class ZbrokerTarget:
+    """A fresh zbroker node per round."""
+
+    name = "zbroker"
+
+    def __init__(self, workdir: Path) -> None:
+        self.node = fresh_node(workdir)
+
+    async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
+        return await zb_produce(self.node.endpoint, size, count, in_flight)
+
+    async def consume(self, size: int, count: int) -> dict[str, float]:
+        return await zb_consume(self.node.endpoint, size, count)
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+class RedisTarget:
+    """A fresh redis-server per round."""
+
+    name = "redis"
+
+    def __init__(self, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        self.peer = RedisPeer(workdir)
+
+    async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
+        return await redis_produce(self.peer.port, size, count, in_flight)
+
+    async def consume(self, size: int, count: int) -> dict[str, float]:
+        return await redis_consume(self.peer.port, size, count)
+
+    def stop(self) -> None:
+        self.peer.stop()
+
+
+def run_rounds(
+    rounds: int,
+    target: type[ZbrokerTarget | RedisTarget],
+    workdir: Path,
+    size: int,
+    count: int,
+    in_flight: int,
+) -> dict[str, float]:
+    """Median of ``rounds`` measurements, each on a fresh server (in_flight 0 = consume-ack)."""
+    results = []
+    for _ in range(rounds):
+        server = target(workdir / target.name)
+        try:
+            scenario = server.produce(size, count, in_flight) if in_flight else server.consume(size, count)
+            results.append(asyncio.run(scenario))
+        finally:
+            server.stop()
     return {key: statistics.median(result[key] for result in results) for key in results[0]}
 
 
 def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = Path(tempfile.mkdtemp(prefix="zbroker-bench-"))
-    peer_available = args.peer == "redis" and shutil.which("redis-server") is not None
+    targets: list[type[ZbrokerTarget | RedisTarget]] = [ZbrokerTarget]
+    if args.peer == "redis" and shutil.which("redis-server") is not None:
+        targets.append(RedisTarget)
     try:
         for size_name, size in SIZES.items():
-            scenarios: list[tuple[str, int]] = [("produce-1", 1), ("produce-100", 100), ("consume-ack", 0)]
-            for scenario, in_flight in scenarios:
+            for scenario, in_flight in [("produce-1", 1), ("produce-100", 100), ("consume-ack", 0)]:
                 count = args.messages // 10 if in_flight == 1 else args.messages
-
-                def zb_once(
-                    in_flight: int = in_flight, count: int = count, size: int = size
-                ) -> Awaitable[dict[str, float]]:
-                    node = fresh_node(base / "zb")
-
-                    async def measure() -> dict[str, float]:
-                        try:
-                            if in_flight:
-                                return await zb_produce(node.endpoint, size, count, in_flight)
-                            return await zb_consume(node.endpoint, size, count)
-                        finally:
-                            node.stop()
-
-                    return measure()
-
                 row: dict[str, Any] = {"scenario": scenario, "size": size_name, "messages": count}
-                row["zbroker"] = run_rounds(args.rounds, zb_once)
-                if peer_available:
-
-                    def peer_once(
-                        in_flight: int = in_flight, count: int = count, size: int = size
-                    ) -> Awaitable[dict[str, float]]:
-                        shutil.rmtree(base / "redis", ignore_errors=True)
-                        (base / "redis").mkdir(parents=True)
-                        peer = RedisPeer(base / "redis")
-
-                        async def measure() -> dict[str, float]:
-                            try:
-                                if in_flight:
-                                    return await redis_produce(peer.port, size, count, in_flight)
-                                return await redis_consume(peer.port, size, count)
-                            finally:
-                                peer.stop()
-
-                        return measure()
-
-                    row["redis"] = run_rounds(args.rounds, peer_once)
+                for target in targets:
+                    row[target.name] = run_rounds(args.rounds, target, base, size, count, in_flight)
                 rows.append(row)
                 print(format_row(row), flush=True)
     finally:
