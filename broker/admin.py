@@ -11,6 +11,7 @@ from broker.commands import PurgeCmd, PurgeDeadCmd, RequeueDeadCmd
 from broker.keys import Cf
 from broker.protocol import ErrorCode, channel_name_problem
 from broker.queue_state import ChannelState, CommandResult
+from cluster.replica import monotonic_ms
 
 if TYPE_CHECKING:
     from broker.node import Node
@@ -81,7 +82,13 @@ class AdminHandler:
 
     def op_ping(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         """Liveness and identity of the node."""
-        return {"node": self.node.node_id, "pid": self.node.pid, "role": "leader"}
+        replica = self.node.replica
+        return {
+            "node": self.node.node_id,
+            "pid": self.node.pid,
+            "role": replica.core.role.value,
+            "leader": replica.leader_id or "",
+        }
 
     def op_queues(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         """Counters of every queue."""
@@ -166,28 +173,59 @@ class AdminHandler:
         return {"dead_letters": letters}
 
     def op_cluster_status(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
-        """Every node of the group with its role and progress (a group of one for now)."""
+        """Every member with its role and progress, as this node sees them, and who leads."""
         node = self.node
-        me = {
-            "id": node.node_id,
-            "client_endpoint": node.settings.node.client_endpoint,
-            "peer_endpoint": node.settings.node.peer_endpoint,
-            "role": "leader",
-            "term": 1,
-            "commit_index": node.log.commit_index,
-            "applied_index": node.state.applied_index,
-            "lag": node.log.commit_index - node.state.applied_index,
-            "pid": node.pid,
+        replica = node.replica
+        now = monotonic_ms()
+        fresh_ms = 3 * replica.core.config.election_timeout_ms
+        statuses: dict[str, dict[str, Any]] = {node.node_id: node.status()}
+        for peer, (reported, seen_ms) in replica.peer_status.items():
+            if now - seen_ms <= fresh_ms:
+                statuses[peer] = reported
+        highest_commit = max(int(reported.get("commit", 0)) for reported in statuses.values())
+        nodes = []
+        for member_id, (client_endpoint, peer_endpoint) in sorted(replica.members.items()):
+            known = statuses.get(member_id)
+            info: dict[str, Any] = known or {}
+            applied = int(info.get("applied", 0))
+            nodes.append(
+                {
+                    "id": member_id,
+                    "client_endpoint": client_endpoint,
+                    "peer_endpoint": peer_endpoint,
+                    "role": str(info.get("role", "unknown")) if known else "unreachable",
+                    "term": int(info.get("term", 0)),
+                    "commit_index": int(info.get("commit", 0)),
+                    "applied_index": applied,
+                    "lag": max(0, highest_commit - applied) if known else 0,
+                    "pid": int(info.get("pid", 0)),
+                }
+            )
+        return {
+            "leader": replica.leader_id,
+            "nodes": nodes,
+            "counters": {**node.counters, **replica.counters},
         }
-        return {"leader": node.node_id, "nodes": [me], "counters": dict(node.counters)}
 
     def op_compact(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         """Compact storage now (RocksDB also does this on its own); returns disk bytes before and after."""
-        store = self.node.store
-        before = store.disk_bytes()
-        self.node.compact_log()
-        store.compact_all()
-        return {"disk_bytes_before": before, "disk_bytes_after": store.disk_bytes()}
+        stores = (self.node.store, self.node.log_store)
+        before = sum(store.disk_bytes() for store in stores)
+        self.node.compact_now()
+        for store in stores:
+            store.compact_all()
+        return {"disk_bytes_before": before, "disk_bytes_after": sum(store.disk_bytes() for store in stores)}
+
+    def op_leader_transfer(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Hand leadership to the member named ``node`` (it must be caught up within an election timeout)."""
+        target = args.get("node")
+        replica = self.node.replica
+        if not isinstance(target, str) or target not in replica.members:
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, f"'node' must be one of {sorted(replica.members)}")
+        if target == self.node.node_id:
+            return {"leader": target}
+        replica.transfer_leadership(target, monotonic_ms())
+        return {"transferring_to": target}
 
     # ------------------------------------------------------------------ changes (log commands)
 
@@ -195,7 +233,7 @@ class AdminHandler:
         def answer(result: CommandResult) -> None:
             self.node.send_reply(routing_id, rid, {key: result})
 
-        self.node.propose(command, answer)
+        self.node.propose_admin(command, answer, routing_id, rid)
 
     def op_purge(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
         """Delete every ready and delayed message of a queue."""

@@ -1,9 +1,10 @@
-"""The node process: a ROUTER loop around the log, the queue state machine and the scheduler.
+"""The node process: one loop around the client ROUTER, the replica group and the queue state machine.
 
-One loop turn: wait for frames or the next timer; decode every frame that arrived; turn them and the
-scheduler's plan into log commands; append them as ONE log entry (one fsynced write: group commit);
-apply the committed entry; answer producers, deliver leases. Nothing is answered before the entry
-holding it is durable.
+One loop turn: wait for frames or the next timer; feed peer frames to Raft; decode client frames; if
+this node leads, turn them and the scheduler's plan into ONE log entry (group commit) and propose it;
+persist the turn's Raft effects with one fsynced write and send one frame per follower; apply every
+entry a majority has persisted; answer producers and deliver leases from what was applied. Nothing is
+answered before the entry holding it is committed, i.e. fsynced on a majority (a group of one: here).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import bson
 import zmq
 
 from broker import protocol as p
@@ -30,51 +29,35 @@ from broker.commands import (
     decode_entry,
     encode_entry,
 )
-from broker.keys import Cf, message_key, unpack_message
-from broker.queue_state import CommandResult, Leased, ProduceOutcome, QueueState, session_key
-from broker.scheduler import Scheduler, Session, Subscription
+from broker.frontend import Frontend, ResultCallback, Turn
+from broker.keys import STATE_MACHINE_CFS, Cf
+from broker.queue_state import QueueState
+from broker.scheduler import Scheduler
 from broker.store import RocksStore
-from cluster.local import LocalLog
+from cluster.log import LogStore
+from cluster.raft import RaftConfig
+from cluster.replica import Replica, monotonic_ms
+from cluster.snapshot import install_state_dir, recover_state_dir
 from config import Settings
 
 log = logging.getLogger("zbroker.node")
 
-MAX_FRAMES_PER_TURN = 2000
-COMPACT_EVERY_ENTRIES = 256
-COMPACT_EVERY_BYTES = 8 << 20
-SESSION_ID_BYTES = 16
-MIN_SESSION_TIMEOUT_MS = 100
-MAX_SESSION_TIMEOUT_MS = 3_600_000
-
-ResultCallback = Callable[[CommandResult], None]
+APPLY_BATCH_ENTRIES = 256
+LOG_MEMTABLE_BYTES = 32 << 20
+STATE_MEMTABLE_BYTES = 96 << 20
+CLUSTER_POLL_MS = 20
+IDLE_POLL_MS = 100
 
 
-def now_ms() -> int:
+def wall_ms() -> int:
     """Wall-clock milliseconds: the time the leader stamps into log entries."""
     return time.time_ns() // 1_000_000
 
 
-@dataclass(slots=True)
-class _Turn:
-    """Commands gathered during one loop turn, each with what to do with its result."""
-
-    commands: list[LogCommand] = field(default_factory=list)
-    callbacks: list[ResultCallback | None] = field(default_factory=list)
-    produce: list[p.ProduceItem] = field(default_factory=list)
-    produce_waiters: list[tuple[bytes, int, list[Any], list[int]]] = field(default_factory=list)
-    acks: list[p.LeaseRef] = field(default_factory=list)
-    ack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
-    nacks: list[p.NackItem] = field(default_factory=list)
-    nack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
-    closing: list[Session] = field(default_factory=list)
-
-    def add(self, command: LogCommand, callback: ResultCallback | None = None) -> None:
-        self.commands.append(command)
-        self.callbacks.append(callback)
-
-
 class Node:
-    """One zbroker node serving clients on its ROUTER socket."""
+    """One zbroker node: serves clients when it leads, replicates either way."""
+
+    wall_ms = staticmethod(wall_ms)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -83,28 +66,45 @@ class Node:
         self.max_message_bytes = node.max_message_bytes
         self.session_timeout_ms = int(node.session_timeout_s * 1000)
         self.heartbeat_interval_ms = int(node.heartbeat_interval_s * 1000)
-        self.store = RocksStore(node.data_dir)
+        self.data_dir = Path(node.data_dir)
+        self.state_dir = self.data_dir / "state"
+        recover_state_dir(self.state_dir)
+        self.log_store = RocksStore(
+            self.data_dir / "log", (Cf.LOG, Cf.RAFT), memtable_bytes=LOG_MEMTABLE_BYTES
+        )
+        self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
-        self.log = LocalLog(self.store, fsync=node.fsync)
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
         self.admin = AdminHandler(self)
         self.counters: dict[str, int] = {
             "frames_received": 0,
             "frames_rejected": 0,
             "items_rejected": 0,
-            "entries_appended": 0,
+            "entries_proposed": 0,
+            "entries_applied": 0,
         }
-        self.started_at_ms = now_ms()
         self._stopping = False
-        self._turn = _Turn()
-        # Frames to send at the end of the turn; a DELIVER carries its leases, released if it cannot go.
-        self._outbox: list[tuple[list[bytes], list[p.NackItem] | None]] = []
-        self._undelivered: list[p.NackItem] = []
-        self._durable_applied = self.state.applied_index
-        self._log_bytes_since_compaction = 0
-        self._replay()
-        self.scheduler.adopt_leased_sessions(now_ms())
+        self._stop_deadline_ms = 0
+        self._waiting: dict[int, Turn] = {}
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        cluster = settings.cluster
+        members = {member.id: (member.client_endpoint, member.peer_endpoint) for member in settings.members()}
+        self.replica = Replica(
+            node_id=self.node_id,
+            members=members,
+            peer_bind=node.peer_endpoint,
+            log_store=LogStore(self.log_store),
+            context=self.context,
+            config=RaftConfig(
+                election_timeout_ms=int((cluster.election_timeout_s if cluster else 1.0) * 1000),
+                heartbeat_interval_ms=int((cluster.heartbeat_interval_s if cluster else 0.1) * 1000),
+            ),
+            snapshot_threshold_entries=cluster.snapshot_threshold_entries if cluster else 10_000,
+            work_dir=self.data_dir,
+            status=self.status,
+            checkpoint=self._checkpoint,
+            install=self._install_snapshot,
+        )
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -116,11 +116,25 @@ class Node:
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_message_bytes + (1 << 20))
         self.router.setsockopt(zmq.HEARTBEAT_IVL, self.heartbeat_interval_ms)
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * self.heartbeat_interval_ms)
+        self.frontend = Frontend(self, self.router)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        if self.replica.socket is not None:
+            self.poller.register(self.replica.socket, zmq.POLLIN)
         self.router.bind(node.client_endpoint)
+        # A group of one elects itself at its first tick: do it now, so it serves from the start.
+        start = monotonic_ms()
+        self.replica.tick(start)
+        self._apply(self.replica.flush(start)[1])
+        if self.replica.role_changed:
+            self.replica.role_changed = False
+            self._role_changed()
         log.info(
-            "node %s serving clients on %s (data in %s, %d channels, %d leases restored)",
+            "node %s serving clients on %s, peers on %s (%d members; data in %s, %d channels, %d leases)",
             self.node_id,
             node.client_endpoint,
+            node.peer_endpoint,
+            len(members),
             node.data_dir,
             len(self.state.channels),
             len(self.state.leases),
@@ -128,339 +142,209 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _replay(self) -> None:
-        pending = self.log.committed_since(self.state.applied_index)
-        if pending:
-            log.info(
-                "replaying %d committed log entries after index %d", len(pending), self.state.applied_index
-            )
-            self.state.apply([(index, decode_entry(payload)) for index, payload in pending])
-
     def stop(self) -> None:
-        """Ask the loop to finish its turn and shut down (safe from a signal handler)."""
+        """Ask the loop to shut down (safe from a signal handler); a leader hands over first."""
         self._stopping = True
 
     def run(self) -> None:
         """Serve until ``stop`` is called."""
         try:
-            while not self._stopping:
+            while not self._shutdown_complete():
                 self.run_once()
         finally:
             self.close()
 
+    def _shutdown_complete(self) -> bool:
+        if not self._stopping:
+            return False
+        replica = self.replica
+        if not replica.is_leader or not replica.core.peers:
+            return True
+        now = monotonic_ms()
+        if not self._stop_deadline_ms:
+            progress = replica.core.follower_progress()
+            target = max(progress, key=lambda peer: progress[peer])
+            log.info("handing leadership to %s before shutting down", target)
+            replica.transfer_leadership(target, now)
+            self._stop_deadline_ms = now + 2 * replica.core.config.election_timeout_ms
+        return now >= self._stop_deadline_ms
+
     def close(self) -> None:
-        """Release the socket and the database; everything acknowledged is already durable."""
+        """Release sockets and databases; everything acknowledged is already durable."""
         if self.router.closed:
             return
         self.router.close(0)
+        self.replica.close()
         self.store.sync_wal()
         self.store.close()
+        self.log_store.close()
         log.info("node %s stopped", self.node_id)
 
     # ------------------------------------------------------------------ the loop turn
 
     def run_once(self) -> None:
         """One loop turn."""
-        now = now_ms()
-        timeout = (
-            0 if self.scheduler.has_work() else max(0, min(self.scheduler.next_timer_ms(now) - now, 100))
-        )
-        if self.router.poll(timeout, zmq.POLLIN):
-            self._drain()
-        now = now_ms()
-        turn = self._turn
+        replica = self.replica
+        busy = replica.is_leader and (self.scheduler.has_work() or bool(self.frontend.undelivered))
+        timeout = 0 if busy else self._idle_timeout()
+        self.poller.poll(timeout)
+        now = monotonic_ms()
+        replica.receive(now)
+        self.frontend.drain()
+        replica.tick(now)
+        turn, self.frontend.turn = self.frontend.turn, Turn()
+        if replica.is_leader:
+            self._propose(turn, now)
+        elif turn.requesters:
+            self._refuse(turn)
+        _, ready = replica.flush(now)
+        self._apply(ready)
+        if replica.role_changed:
+            replica.role_changed = False
+            self._role_changed()
+        replica.maybe_compact(self.state.applied_index, self.store.sync_wal, now)
+        self.frontend.flush()
+
+    def _idle_timeout(self) -> int:
+        cap = CLUSTER_POLL_MS if self.replica.core.peers else IDLE_POLL_MS
+        if not self.replica.is_leader:
+            return cap
+        now = wall_ms()
+        return max(0, min(self.scheduler.next_timer_ms(now) - now, cap))
+
+    def _propose(self, turn: Turn, now: int) -> None:
+        frontend = self.frontend
         if turn.produce:
-            turn.add(ProduceCmd(tuple(turn.produce)), self._answer_produce(turn.produce_waiters))
+            turn.add(ProduceCmd(tuple(turn.produce)), frontend.answer_produce(turn.produce_waiters))
         if turn.acks:
             ack = AckCmd(tuple(turn.acks))
             self.scheduler.note_settle(ack)
-            turn.add(ack, self._answer_acks(turn.ack_waiters))
+            turn.add(ack, frontend.answer_settles(turn.ack_waiters))
         if turn.nacks:
             nack = NackCmd(tuple(turn.nacks))
             self.scheduler.note_settle(nack)
-            turn.add(nack, self._answer_acks(turn.nack_waiters))
-        if self._undelivered:
-            undelivered = NackCmd(tuple(self._undelivered))
-            self._undelivered = []
+            turn.add(nack, frontend.answer_settles(turn.nack_waiters))
+        if frontend.undelivered:
+            undelivered = NackCmd(tuple(frontend.undelivered))
+            frontend.undelivered = []
             self.scheduler.note_settle(undelivered)
             turn.add(undelivered)
         for session in turn.closing:  # after this turn's acks, so a session's last acks still count
             release = self.scheduler.close(session)
             if release is not None:
                 turn.add(release)
-        for command in self.scheduler.plan(now):
-            turn.add(command, self._deliver if isinstance(command, LeaseCmd) else None)
-        if turn.commands:
-            self._commit(turn, now)
-        self._turn = _Turn()
-        self._flush_outbox()
-
-    def _commit(self, turn: _Turn, now: int) -> None:
-        entry = LogEntry(now, tuple(turn.commands))
-        durable_before = self.state.applied_index
-        payload = encode_entry(entry)
-        index = self.log.propose(payload)
-        self._log_bytes_since_compaction += len(payload)
-        self.counters["entries_appended"] += 1
+        for command in self.scheduler.plan(wall_ms()):
+            turn.add(command, frontend.deliver if isinstance(command, LeaseCmd) else None)
+        if not turn.commands:
+            return
+        index = self.replica.propose(encode_entry(LogEntry(wall_ms(), tuple(turn.commands))), now)
+        if index is None:  # leadership is being handed over: clients retry at the next leader
+            self.scheduler.forget_pending()
+            self._refuse(turn)
+            return
+        self.counters["entries_proposed"] += 1
         self.scheduler.proposed(index)
-        self._durable_applied = durable_before
-        # A group of one: the entry is committed once it is on disk, so apply it now.
-        (results,) = self.state.apply([(index, entry)])
-        self.scheduler.applied(index)
-        for result, callback in zip(results, turn.callbacks, strict=True):
-            if callback is not None:
-                callback(result)
-        if (
-            index - self.log.log.first_index >= COMPACT_EVERY_ENTRIES
-            or self._log_bytes_since_compaction >= COMPACT_EVERY_BYTES
-        ):
-            self.compact_log()
+        self._waiting[index] = turn
 
-    def compact_log(self) -> None:
-        """Drop log entries whose effects are applied and durable (covered by a later synced append)."""
-        self.log.compact(self._durable_applied)
-        self._log_bytes_since_compaction = 0
+    def _refuse(self, turn: Turn) -> None:
+        for routing_id, rid in turn.requesters:
+            self.frontend.not_leader(routing_id, rid)
 
-    def _drain(self) -> None:
-        router = self.router
-        for _ in range(MAX_FRAMES_PER_TURN):
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+    def propose_admin(
+        self, command: LogCommand, callback: ResultCallback, routing_id: bytes, rid: int
+    ) -> None:
+        """Add an admin change to this turn's entry."""
+        self.frontend.turn.add(command, callback)
+        self.frontend.turn.requesters.append((routing_id, rid))
+
+    def _apply(self, ready: int) -> None:
+        """Apply committed entries up to ``ready`` and run the answers waiting on them."""
+        while self.state.applied_index < ready:
+            start = self.state.applied_index + 1
+            end = min(ready, start + APPLY_BATCH_ENTRIES - 1) + 1
+            rows = self.replica.log.entries(start, end)
+            if not rows or rows[0][0] != start:
+                log.error("entries %d..%d are missing from the log; waiting for the leader", start, end - 1)
                 return
-            self.counters["frames_received"] += 1
-            routing_id = frames[0]
-            try:
-                frame = p.decode_client(frames[1:])
-                self._handle(routing_id, frame)
-            except p.FrameError as exc:
-                self.counters["frames_rejected"] += 1
-                log.debug("rejected frame from %s: %s", routing_id.hex(), exc.message)
-                self._send(routing_id, p.encode_error(exc.request_id, exc.code, exc.message))
-            except Exception:  # a bug handling one frame must not take the node down
-                self.counters["frames_rejected"] += 1
-                log.exception("failed to handle a frame from %s", routing_id.hex())
-                self._send(
-                    routing_id,
-                    p.encode_error(0, p.ErrorCode.INTERNAL, "the node failed to handle this frame"),
-                )
+            entries = [
+                (index, decode_entry(payload) if payload else LogEntry(0, ())) for index, _, payload in rows
+            ]
+            results = self.state.apply(entries)
+            self.counters["entries_applied"] += len(entries)
+            for (index, _), entry_results in zip(entries, results, strict=True):
+                self.scheduler.applied(index)
+                turn = self._waiting.pop(index, None)
+                if turn is None:
+                    continue
+                for result, callback in zip(entry_results, turn.callbacks, strict=True):
+                    if callback is not None:
+                        callback(result)
 
-    def _send(self, routing_id: bytes, frames: list[bytes], leases: list[p.NackItem] | None = None) -> None:
-        self._outbox.append(([routing_id, *frames], leases))
-
-    def _flush_outbox(self) -> None:
-        router = self.router
-        for message, leases in self._outbox:
-            try:
-                router.send_multipart(message, zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                # Peer gone or its queue full. A reply is re-requested by the client; a delivery's leases
-                # are released next turn so the messages go to a consumer that can take them.
-                log.debug("could not send a frame to %s: %s", message[0].hex(), exc)
-                if leases:
-                    self._undelivered.extend(leases)
-        self._outbox.clear()
-
-    # ------------------------------------------------------------------ frames
-
-    def _handle(self, routing_id: bytes, frame: p.ClientFrame) -> None:
-        now = now_ms()
-        session = self.scheduler.touch(routing_id, now)
-        match frame:
-            case p.Produce():
-                self._take_produce(routing_id, frame)
-            case p.Ack(rid, refs):
-                self._turn.acks.extend(refs)
-                self._turn.ack_waiters.append((routing_id, rid, len(refs)))
-            case p.Nack(rid, items):
-                self._turn.nacks.extend(items)
-                self._turn.nack_waiters.append((routing_id, rid, len(items)))
-            case p.Heartbeat():
-                if session is None:
-                    raise p.FrameError(p.ErrorCode.SESSION_UNKNOWN, "no session for this client: send HELLO")
-                self._send(routing_id, p.HEARTBEAT_FRAME)
-            case p.Hello(timeout_ms, _):
-                if len(routing_id) != SESSION_ID_BYTES or routing_id[:1] == b"\x00":
-                    raise p.FrameError(
-                        p.ErrorCode.INVALID_ARGUMENT,
-                        f"HELLO needs a routing id of exactly {SESSION_ID_BYTES} bytes not starting with 0: "
-                        "it names the session",
-                    )
-                timeout_ms = timeout_ms or self.session_timeout_ms
-                timeout_ms = min(max(timeout_ms, MIN_SESSION_TIMEOUT_MS), MAX_SESSION_TIMEOUT_MS)
-                attached = self.scheduler.attach(routing_id, timeout_ms, now)
-                welcome = {
-                    "node": self.node_id,
-                    "session_timeout_ms": timeout_ms,
-                    "heartbeat_ms": min(self.heartbeat_interval_ms, max(timeout_ms // 3, 10)),
-                    "max_message_bytes": self.max_message_bytes,
-                    "leader": self.settings.node.client_endpoint,
-                }
-                self._send(routing_id, p.encode(p.Command.WELCOME, welcome))
-                self._redeliver(attached)
-            case p.Subscribe(rid):
-                if session is None:
-                    raise p.FrameError(
-                        p.ErrorCode.SESSION_UNKNOWN, "SUBSCRIBE needs a session: send HELLO", rid
-                    )
-                problem = p.channel_name_problem(frame.channel)
-                if problem is not None:
-                    raise p.FrameError(p.ErrorCode.INVALID_CHANNEL, problem, rid)
-                self.scheduler.subscribe(
-                    session,
-                    Subscription(
-                        session.session,
-                        frame.subscription_id,
-                        frame.channel,
-                        frame.max_parallel,
-                        frame.max_attempts,
-                        frame.retry_backoff_ms,
-                        frame.retry_backoff_max_ms,
-                        frame.processing_timeout_ms,
-                    ),
-                )
-                self._send(routing_id, p.encode_reply(rid, {}))
-            case p.Unsubscribe(rid, subscription_id):
-                existed = session is not None and self.scheduler.unsubscribe(session, subscription_id)
-                self._send(routing_id, p.encode_reply(rid, {"existed": existed}))
-            case p.Bye():
-                if session is not None:
-                    self._turn.closing.append(session)
-            case p.Admin(rid, op, args):
-                self.admin.handle(routing_id, rid, op, args)
-
-    def _take_produce(self, routing_id: bytes, frame: p.Produce) -> None:
-        results: list[Any] = [None] * len(frame.items)
-        slots: list[int] = []
-        for position, item in enumerate(frame.items):
-            problem = p.channel_name_problem(item.channel)
-            if problem is not None:
-                results[position] = [item.produce_id, False, int(p.ErrorCode.INVALID_CHANNEL), problem]
-            elif len(item.body) > self.max_message_bytes:
-                results[position] = [
-                    item.produce_id,
-                    False,
-                    int(p.ErrorCode.MESSAGE_TOO_LARGE),
-                    f"message is {len(item.body)} bytes; this node accepts at most {self.max_message_bytes}",
-                ]
-            elif not bson.is_valid(item.body):
-                results[position] = [
-                    item.produce_id,
-                    False,
-                    int(p.ErrorCode.INVALID_PAYLOAD),
-                    "message body is not a valid BSON document",
-                ]
-            else:
-                slots.append(position)
-                self._turn.produce.append(item)
-                continue
-            self.counters["items_rejected"] += 1
-        if slots:
-            self._turn.produce_waiters.append((routing_id, frame.request_id, results, slots))
-        else:
-            self._send(routing_id, p.encode_reply(frame.request_id, {"r": results}))
-
-    # ------------------------------------------------------------------ answers
-
-    def _answer_produce(self, waiters: list[tuple[bytes, int, list[Any], list[int]]]) -> ResultCallback:
-        def answer(result: CommandResult) -> None:
-            assert isinstance(result, list)
-            outcomes = iter(result)
-            for routing_id, rid, results, slots in waiters:
-                for position in slots:
-                    outcome = next(outcomes)
-                    assert isinstance(outcome, ProduceOutcome)
-                    results[position] = [
-                        outcome.message_id,
-                        outcome.duplicate,
-                        int(outcome.code),
-                        outcome.error,
-                    ]
-                self._send(routing_id, p.encode_reply(rid, {"r": results}))
-
-        return answer
-
-    def _answer_acks(self, waiters: list[tuple[bytes, int, int]]) -> ResultCallback:
-        def answer(result: CommandResult) -> None:
-            assert isinstance(result, list)
-            position = 0
-            for routing_id, rid, count in waiters:
-                codes = [int(code) for code in result[position : position + count]]  # type: ignore[arg-type]
-                position += count
-                self._send(routing_id, p.encode_reply(rid, {"codes": codes}))
-
-        return answer
-
-    def _deliver(self, result: CommandResult) -> None:
-        assert isinstance(result, list)
-        if not result:
+    def _role_changed(self) -> None:
+        replica = self.replica
+        self.scheduler.forget_pending()
+        if replica.is_leader:
+            log.info("node %s leads (term %d)", self.node_id, replica.core.term)
+            self.scheduler.adopt_leased_sessions(wall_ms())
             return
-        first = result[0]
-        assert isinstance(first, Leased)
-        session = self.scheduler.sessions.get(first.session)
-        if session is None or session.routing_id is None:
-            return  # the session went away; the leases expire with it
-        self._send_deliveries(session.routing_id, first.subscription_id, result)  # type: ignore[arg-type]
-
-    def _redeliver(self, session: Session) -> None:
-        """Send a (re-)attached session every lease it holds again: deliveries may have been lost with the
-        old connection, and a session holding leases it does not know of would stall on its credit.
-        Clients ignore deliveries they are already handling (same seq and lease token)."""
-        held = self.state.session_leases.get(session.session)
-        if not held or session.routing_id is None:
-            return
-        by_subscription: dict[int, list[Leased]] = {}
-        for lease in held.values():
-            channel = self.state.channels_by_id[lease.chan_id]
-            by_subscription.setdefault(lease.subscription_id, []).append(
-                Leased(
-                    lease.session,
-                    lease.subscription_id,
-                    lease.chan_id,
-                    channel.name,
-                    lease.seq,
-                    lease.lease_token,
-                    lease.attempt,
-                )
-            )
-        for subscription_id, leased in by_subscription.items():
-            self._send_deliveries(session.routing_id, subscription_id, leased)
-
-    def _send_deliveries(self, routing_id: bytes, subscription_id: int, leased: list[Leased]) -> None:
-        records = self.store.multi_get(
-            Cf.MESSAGES, [message_key(lease.chan_id, lease.seq) for lease in leased]
+        log.info(
+            "node %s follows %s (term %d)",
+            self.node_id,
+            replica.leader_id or "no leader yet",
+            replica.core.term,
         )
-        rows = []
-        undelivered = []
-        for lease, record in zip(leased, records, strict=True):
-            if record is None:
-                log.error("leased message %d of %s has no body", lease.seq, lease.channel)
-                continue
-            produced_at_ms, _, message_id, body = unpack_message(record)
-            rows.append(
-                (lease.seq, lease.lease_token, lease.attempt, message_id, produced_at_ms, lease.channel, body)
-            )
-            undelivered.append(p.NackItem(lease.seq, lease.lease_token, True, "delivery could not be sent"))
-        self._send(routing_id, p.encode_deliver(subscription_id, rows), undelivered)
+        # Entries this node proposed may still commit under the next leader; their clients re-send
+        # with the same ids and get the same answers there.
+        for turn in self._waiting.values():
+            self._refuse(turn)
+        self._waiting.clear()
+        self.scheduler.reset_sessions()
 
-    def send_reply(self, routing_id: bytes, rid: int, result: dict[str, Any]) -> None:
-        """Queue a reply to an admin request."""
-        self._send(routing_id, p.encode_reply(rid, result))
+    # ------------------------------------------------------------------ snapshots
 
-    def send_error(self, routing_id: bytes, rid: int, code: p.ErrorCode, message: str) -> None:
-        """Queue an error answer (a refused request: counted)."""
-        self.counters["frames_rejected"] += 1
-        self._send(routing_id, p.encode_error(rid, code, message))
+    def _checkpoint(self, directory: Path) -> int:
+        """Copy the state machine for a follower; returns the index it covers."""
+        self.store.checkpoint(directory)
+        return self.state.applied_index
 
-    def propose(self, command: LogCommand, callback: ResultCallback) -> None:
-        """Add an admin command to this turn's entry."""
-        self._turn.add(command, callback)
+    def _install_snapshot(self, staged: Path, index: int) -> None:
+        """Replace the state machine with a snapshot received from the leader."""
+        self.store.close()
+        install_state_dir(self.state_dir, staged)
+        self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
+        self.state = QueueState(self.store, produce_id_window_ms=self.state.produce_id_window_ms)
+        self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
+        if self.state.applied_index != index:
+            log.warning("installed snapshot covers %d, expected %d", self.state.applied_index, index)
 
-    def session_for(self, routing_id: bytes) -> bytes:
-        """The session key of a routing id."""
-        return session_key(routing_id)
+    def compact_now(self) -> None:
+        """Drop every applied log entry (the admin ``compact``)."""
+        self.replica.compact(self.state.applied_index, self.store.sync_wal, monotonic_ms(), keep=0)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        """This node's progress, sent to peers with every frame and reported by ``cluster_status``."""
+        core = self.replica.core
+        return {
+            "pid": os.getpid(),
+            "role": core.role.value,
+            "term": core.term,
+            "commit": core.commit_index,
+            "applied": self.state.applied_index,
+            "last": core.last_index,
+            "leader": core.leader_id or "",
+        }
 
     @property
     def pid(self) -> int:
         """This process's id."""
         return os.getpid()
+
+    def send_reply(self, routing_id: bytes, rid: int, result: dict[str, Any]) -> None:
+        """Queue a reply to an admin request."""
+        self.frontend.send_reply(routing_id, rid, result)
+
+    def send_error(self, routing_id: bytes, rid: int, code: p.ErrorCode, message: str) -> None:
+        """Queue an error answer to an admin request."""
+        self.frontend.send_error(routing_id, rid, code, message)

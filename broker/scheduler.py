@@ -142,6 +142,13 @@ class Scheduler:
         if session.routing_id is not None and self.by_routing_id.get(session.routing_id) is session:
             del self.by_routing_id[session.routing_id]
 
+    def reset_sessions(self) -> None:
+        """Forget every session and subscription: this node no longer leads, clients move on."""
+        self.sessions.clear()
+        self.by_routing_id.clear()
+        self._subscribers.clear()
+        self.forget_pending()
+
     def consumers_of(self, channel: str) -> int:
         """How many subscriptions consume a channel."""
         return len(self._subscribers.get(channel, ()))

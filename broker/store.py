@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from rocksdict import (
+    Checkpoint,
     Options,
     Rdict,
     ReadOptions,
@@ -197,9 +198,16 @@ def _options(write_buffer_bytes: int) -> Options:
 
 
 class RocksStore(Store):
-    """The node's RocksDB: one database, one column family per ``Cf``, bounded memory."""
+    """One RocksDB with the given column families and a cap on memory.
 
-    def __init__(self, path: Path) -> None:
+    A node has two: the Raft log (``Cf.LOG``, ``Cf.RAFT``), written with fsync, and the state machine
+    (``STATE_MACHINE_CFS``), written without (the log replays what a crash loses), which is also what
+    a snapshot copies.
+    """
+
+    def __init__(
+        self, path: Path, families: tuple[Cf, ...] = tuple(Cf), *, memtable_bytes: int = 128 << 20
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         options = _options(16 << 20)
         options.create_if_missing(True)
@@ -207,20 +215,21 @@ class RocksStore(Store):
         # All column families share one WAL; cap it so a rarely written family cannot pin it forever,
         # and cap all memtables together so memory does not grow with the number of families.
         options.set_max_total_wal_size(64 << 20)
-        options.set_db_write_buffer_size(128 << 20)
+        options.set_db_write_buffer_size(memtable_bytes)
         options.set_max_background_jobs(2)
         options.increase_parallelism(2)
         self.path = path
+        self.families = families
         self._db = Rdict(str(path), options)
         existing = set(Rdict.list_cf(str(path), Options(raw_mode=True)))
         self._families: dict[Cf, Rdict] = {}
-        for cf in Cf:
+        for cf in families:
             self._families[cf] = (
                 self._db.get_column_family(cf.value)
                 if cf.value in existing
                 else self._db.create_column_family(cf.value, _options(32 << 20 if cf is Cf.LOG else 8 << 20))
             )
-        self._handles: dict[Cf, Any] = {cf: self._db.get_column_family_handle(cf.value) for cf in Cf}
+        self._handles: dict[Cf, Any] = {cf: self._db.get_column_family_handle(cf.value) for cf in families}
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nosync = WriteOptions()
@@ -262,6 +271,10 @@ class RocksStore(Store):
                 continue
             return key if key >= start else None
         return None
+
+    def checkpoint(self, path: Path) -> None:
+        """A consistent copy of the database at ``path`` (hard links where possible)."""
+        Checkpoint(self._db).create_checkpoint(str(path))
 
     def compact_all(self) -> None:
         """Flush every memtable and compact every column family: space of deleted keys is reclaimed now."""

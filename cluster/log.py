@@ -1,59 +1,102 @@
-"""The persistent log: entries by index in the ``log`` column family, appended with fsync.
+"""The persistent Raft log: entries by index, the hard state, and where the log starts.
 
-Each stored entry is ``term(8) payload``. A cluster of one commits an entry as soon as it is on
-disk; the Raft core of a larger cluster decides commit from its followers' acknowledgements.
+Lives in its own RocksDB (column families ``log`` and ``raft``) and is always written with fsync:
+an entry or a vote is acknowledged only after this write returns. Each entry is ``term(8) payload``.
+Entries up to ``snapshot_index`` are gone: the state machine (or an installed snapshot) covers them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import struct
 from broker.keys import END, U64, Cf
 from broker.store import Store
+from cluster.messages import Effects, HardState
+
+_SNAPSHOT_KEY = b"snapshot"
+_HARD_STATE_KEY = b"hard_state"
+_PAIR = struct.Struct(">QQ")
 
 
 class LogStore:
-    """Append, read and compact log entries in a ``Store``."""
+    """Append, truncate, read and compact log entries; keep the hard state."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        first = store.first_key(Cf.LOG, b"", END)
+        snapshot = store.get(Cf.RAFT, _SNAPSHOT_KEY)
+        self.snapshot_index, self.snapshot_term = _PAIR.unpack(snapshot) if snapshot is not None else (0, 0)
         last = store.last_key(Cf.LOG, b"", END)
-        self.first_index = int(U64.unpack(first)[0]) if first is not None else 1
-        self.last_index = int(U64.unpack(last)[0]) if last is not None else self._compacted_index()
+        self.last_index = max(int(U64.unpack(last)[0]) if last is not None else 0, self.snapshot_index)
+        self.bytes_since_compaction = 0
 
-    def _compacted_index(self) -> int:
-        value = self.store.get(Cf.RAFT, b"compacted")
-        return int(U64.unpack(value)[0]) if value is not None else 0
+    def hard_state(self) -> HardState:
+        """The persisted term and vote (term 0, no vote, for a new node)."""
+        value = self.store.get(Cf.RAFT, _HARD_STATE_KEY)
+        if value is None:
+            return HardState(0, None)
+        term = int(U64.unpack_from(value)[0])
+        vote = value[8:].decode() or None
+        return HardState(term, vote)
 
-    def append(self, term: int, payloads: Sequence[bytes], *, sync: bool = True) -> int:
-        """Append entries after the last one, durably when ``sync``; returns the new last index."""
+    def terms(self) -> list[int]:
+        """Terms of entries snapshot_index+1 .. last_index, in order (read once at start-up)."""
+        terms = []
+        expected = self.snapshot_index + 1
+        for key, value in self.store.scan(Cf.LOG, U64.pack(expected), END):
+            index = int(U64.unpack(key)[0])
+            if index != expected:
+                break  # a hole can only follow a torn tail: everything after it is unacknowledged
+            terms.append(int(U64.unpack_from(value)[0]))
+            expected += 1
+        self.last_index = self.snapshot_index + len(terms)
+        return terms
+
+    def persist(self, effects: Effects) -> None:
+        """Write the hard state, truncation and new entries of ``effects`` in one synced batch."""
         batch = self.store.batch()
-        index = self.last_index
-        prefix = U64.pack(term)
-        for payload in payloads:
-            index += 1
-            batch.put(Cf.LOG, U64.pack(index), prefix + payload)
-        self.store.write(batch, sync=sync)
-        if self.last_index == 0 or self.first_index > self.last_index:
-            self.first_index = self.last_index + 1
-        self.last_index = index
-        return index
+        if effects.hard_state is not None:
+            hard = effects.hard_state
+            batch.put(Cf.RAFT, _HARD_STATE_KEY, U64.pack(hard.term) + (hard.voted_for or "").encode())
+        if effects.truncate_from is not None:
+            batch.delete_range(Cf.LOG, U64.pack(effects.truncate_from), END)
+            self.last_index = min(self.last_index, effects.truncate_from - 1)
+        for index, term, payload in effects.append:
+            batch.put(Cf.LOG, U64.pack(index), U64.pack(term) + payload)
+            self.bytes_since_compaction += len(payload)
+            self.last_index = max(self.last_index, index)
+        self.store.write(batch, sync=True)
 
-    def read(self, start: int, end: int) -> list[tuple[int, int, bytes]]:
+    def payloads(self, start: int, count: int) -> tuple[bytes, ...]:
+        """Payloads of entries start .. start+count-1 (which must exist)."""
+        found = [value[8:] for _, value in self.store.scan(Cf.LOG, U64.pack(start), U64.pack(start + count))]
+        if len(found) != count:
+            raise LookupError(f"log entries {start}..{start + count - 1} are not all present")
+        return tuple(found)
+
+    def entries(self, start: int, end: int) -> list[tuple[int, int, bytes]]:
         """Entries with start <= index < end as (index, term, payload)."""
         return [
             (int(U64.unpack(key)[0]), int(U64.unpack_from(value)[0]), value[8:])
             for key, value in self.store.scan(Cf.LOG, U64.pack(start), U64.pack(end))
         ]
 
-    def compact(self, through_index: int) -> None:
-        """Delete entries up to and including ``through_index`` (they are applied and durable)."""
-        through_index = min(through_index, self.last_index)
-        if through_index < self.first_index:
+    def compact(self, through_index: int, term: int) -> None:
+        """Delete entries up to and including ``through_index`` (covered by the durable state machine)."""
+        if through_index <= self.snapshot_index:
             return
         batch = self.store.batch()
         batch.delete_range(Cf.LOG, U64.pack(0), U64.pack(through_index + 1))
-        batch.put(Cf.RAFT, b"compacted", U64.pack(through_index))
-        self.store.write(batch, sync=False)
-        self.first_index = through_index + 1
+        batch.put(Cf.RAFT, _SNAPSHOT_KEY, _PAIR.pack(through_index, term))
+        self.store.write(batch, sync=True)
+        self.snapshot_index, self.snapshot_term = through_index, term
+        self.last_index = max(self.last_index, through_index)
+        self.bytes_since_compaction = 0
+
+    def reset(self, snapshot_index: int, snapshot_term: int) -> None:
+        """Forget every entry: an installed snapshot now covers up to ``snapshot_index``."""
+        batch = self.store.batch()
+        batch.delete_range(Cf.LOG, U64.pack(0), END)
+        batch.put(Cf.RAFT, _SNAPSHOT_KEY, _PAIR.pack(snapshot_index, snapshot_term))
+        self.store.write(batch, sync=True)
+        self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
+        self.last_index = snapshot_index
+        self.bytes_since_compaction = 0

@@ -1,0 +1,288 @@
+"""The replication shell around the Raft core: peer I/O, the durable log, snapshots, compaction.
+
+The node drives it once per loop turn:
+
+    replica.receive(now)          # peer frames -> core
+    replica.tick(now)
+    index = replica.propose(payload, now)      # leader only
+    committed = replica.flush(now)             # persist (one fsync), send, snapshots; entries to apply
+
+Effects of every step in a turn are merged, so a turn costs one synced write and one frame per
+follower however many proposals and acknowledgements it saw (group commit, pipelined: the leader
+never waits for an answer before sending the next batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from cluster.log import LogStore
+from cluster.messages import (
+    AppendRequest,
+    Compacted,
+    Effects,
+    Persisted,
+    Propose,
+    RaftEvent,
+    Receive,
+    Role,
+    SnapshotInstalled,
+    SnapshotRequest,
+    Tick,
+    TransferLeadership,
+)
+from cluster.raft import RaftConfig, RaftCore
+from cluster.snapshot import IncomingSnapshot, OutgoingSnapshot, checkpoint_files
+from cluster.transport import PeerKind, PeerTransport, decode_message, encode_message
+
+log = logging.getLogger("zbroker.replica")
+
+KEEP_ENTRIES_AFTER_COMPACTION = 100
+COMPACT_AFTER_BYTES = 256 << 20
+
+
+def monotonic_ms() -> int:
+    """Milliseconds of the monotonic clock, for Raft's timers."""
+    return time.monotonic_ns() // 1_000_000
+
+
+class Replica:
+    """This node's member of the replica group."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        members: dict[str, tuple[str, str]],
+        peer_bind: str,
+        log_store: LogStore,
+        context: zmq.Context[zmq.Socket[bytes]],
+        config: RaftConfig,
+        snapshot_threshold_entries: int,
+        work_dir: Path,
+        status: Callable[[], dict[str, Any]],
+        checkpoint: Callable[[Path], int],
+        install: Callable[[Path, int], None],
+    ) -> None:
+        self.node_id = node_id
+        self.members = members  # id -> (client_endpoint, peer_endpoint)
+        self.log = log_store
+        self.snapshot_threshold_entries = snapshot_threshold_entries
+        self.work_dir = work_dir
+        self._status = status
+        self._checkpoint = checkpoint
+        self._install = install
+        now = monotonic_ms()
+        self.core = RaftCore(
+            node_id,
+            tuple(sorted(members)),
+            hard_state=log_store.hard_state(),
+            snapshot_index=log_store.snapshot_index,
+            snapshot_term=log_store.snapshot_term,
+            log_terms=log_store.terms(),
+            now_ms=now,
+            config=config,
+            rng=random.Random(f"{node_id}-{os.getpid()}-{time.time_ns()}"),
+        )
+        peers = {peer: endpoints[1] for peer, endpoints in members.items() if peer != node_id}
+        self.transport = PeerTransport(context, node_id, peer_bind, peers) if peers else None
+        self.peer_status: dict[str, tuple[dict[str, Any], int]] = {}
+        self._pending = Effects()
+        self._outgoing: dict[str, OutgoingSnapshot] = {}
+        self._incoming = IncomingSnapshot(work_dir / "incoming-snapshot")
+        self.role_changed = False
+        self.counters = {
+            "peer_frames_in": 0,
+            "peer_frames_out": 0,
+            "snapshots_sent": 0,
+            "snapshots_installed": 0,
+        }
+
+    # ------------------------------------------------------------------ questions
+
+    @property
+    def is_leader(self) -> bool:
+        """True when this node leads its group."""
+        return self.core.role is Role.LEADER
+
+    @property
+    def leader_id(self) -> str | None:
+        """The node this one believes leads, if any."""
+        return self.core.leader_id
+
+    def leader_client_endpoint(self) -> str:
+        """Where clients should go: the leader's client endpoint, or "" when unknown."""
+        leader = self.core.leader_id
+        return self.members[leader][0] if leader is not None and leader in self.members else ""
+
+    @property
+    def socket(self) -> zmq.Socket[bytes] | None:
+        """The peer ROUTER, for the node's poller."""
+        return self.transport.router if self.transport is not None else None
+
+    # ------------------------------------------------------------------ driving
+
+    def _step(self, event: RaftEvent, now_ms: int) -> Effects:
+        effects = self.core.step(event, now_ms)
+        self._pending.merge(effects)
+        return effects
+
+    def receive(self, now_ms: int) -> None:
+        """Feed every waiting peer frame to the core (snapshot chunks to the snapshot machinery)."""
+        if self.transport is None:
+            return
+        for sender, kind, payload in self.transport.receive():
+            self.counters["peer_frames_in"] += 1
+            info = payload.get("i")
+            if isinstance(info, dict):
+                self.peer_status[sender] = (info, now_ms)
+            try:
+                if kind is PeerKind.SNAPSHOT_CHUNK:
+                    self._on_snapshot_chunk(sender, payload, now_ms)
+                elif kind is PeerKind.SNAPSHOT_CHUNK_ACK:
+                    outgoing = self._outgoing.get(sender)
+                    if outgoing is not None and outgoing.snapshot_id == payload.get("id"):
+                        outgoing.acked()
+                else:
+                    self._step(Receive(sender, decode_message(kind, payload)), now_ms)
+            except (KeyError, TypeError, ValueError, OSError) as exc:
+                log.warning("ignored a bad %s frame from %s: %s", kind.name, sender, exc)
+
+    def tick(self, now_ms: int) -> None:
+        """Let timers fire (elections, heartbeats, retransmissions)."""
+        self._step(Tick(), now_ms)
+
+    def propose(self, payload: bytes, now_ms: int) -> int | None:
+        """Append an entry (leaders only); its index, or None when this node cannot take it."""
+        return self._step(Propose(payload), now_ms).proposed_index
+
+    def transfer_leadership(self, target: str, now_ms: int) -> None:
+        """Ask the core to hand leadership to ``target``."""
+        self._step(TransferLeadership(target), now_ms)
+
+    def flush(self, now_ms: int) -> tuple[int, int]:
+        """Persist, send, handle snapshots; returns the range (first, last) of entries ready to apply."""
+        effects = self._pending
+        self._pending = Effects()
+        if effects.persist_needed():
+            self.log.persist(effects)
+            effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
+        if effects.install_snapshot is not None:
+            self._install_snapshot(effects.install_snapshot, now_ms, effects)
+        self._send_all(effects, now_ms)
+        for peer in effects.send_snapshot:
+            self._start_snapshot(peer)
+        self._pump_snapshots()
+        self.role_changed = self.role_changed or effects.role_changed
+        return self.core.snapshot_index, min(self.core.commit_index, self.core.persisted_index)
+
+    def _send_all(self, effects: Effects, now_ms: int) -> None:
+        if self.transport is None:
+            return
+        info = self._status()
+        for peer, message in effects.messages:
+            if isinstance(message, AppendRequest) and message.entry_terms:
+                try:
+                    payloads = self.log.payloads(message.first_index, len(message.entry_terms))
+                except LookupError:
+                    continue  # compacted meanwhile: the core will fall back to a snapshot
+                message = dataclasses.replace(message, payloads=payloads)
+            kind, payload = encode_message(message)
+            if self.transport.send(peer, kind, payload, info):
+                self.counters["peer_frames_out"] += 1
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _start_snapshot(self, peer: str) -> None:
+        if peer in self._outgoing or self.transport is None:
+            return
+        snapshot_id = f"{self.node_id}-{time.time_ns()}"
+        directory = self.work_dir / "outgoing-snapshots" / snapshot_id
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        index = self._checkpoint(directory)
+        term = self.core.term_at(index)
+        if term is None:
+            shutil.rmtree(directory, ignore_errors=True)
+            log.error("cannot snapshot at %d: its term is unknown", index)
+            return
+        log.info("sending snapshot %s (through entry %d) to %s", snapshot_id, index, peer)
+        self._outgoing[peer] = OutgoingSnapshot(
+            snapshot_id, peer, self.core.term, index, term, directory, checkpoint_files(directory)
+        )
+        self.counters["snapshots_sent"] += 1
+
+    def _pump_snapshots(self) -> None:
+        if self.transport is None:
+            return
+        info = self._status()
+        for peer, outgoing in list(self._outgoing.items()):
+            if not self.is_leader or outgoing.term != self.core.term or outgoing.stalled():
+                self._drop_outgoing(peer)
+                continue
+            for frame in outgoing.next_frames():
+                self.transport.send(peer, PeerKind.SNAPSHOT_CHUNK, frame, info)
+            if outgoing.manifest_sent:
+                self._drop_outgoing(peer)  # the follower's answer arrives as a SnapshotResponse
+
+    def _drop_outgoing(self, peer: str) -> None:
+        outgoing = self._outgoing.pop(peer)
+        shutil.rmtree(outgoing.directory, ignore_errors=True)
+
+    def _on_snapshot_chunk(self, sender: str, payload: dict[str, Any], now_ms: int) -> None:
+        request = self._incoming.receive(sender, payload)
+        if self.transport is not None and "manifest" not in payload:
+            self.transport.send(sender, PeerKind.SNAPSHOT_CHUNK_ACK, {"id": payload["id"]}, self._status())
+        if request is not None:
+            self._step(Receive(sender, request), now_ms)
+
+    def _install_snapshot(self, request: SnapshotRequest, now_ms: int, effects: Effects) -> None:
+        staged = self._incoming.take(request)
+        if staged is None:
+            return
+        log.info("installing the snapshot from %s through entry %d", request.leader, request.index)
+        self._install(staged, request.index)
+        self.log.reset(request.index, request.snapshot_term)
+        effects.merge(self.core.step(SnapshotInstalled(request.index, request.snapshot_term), now_ms))
+        self.counters["snapshots_installed"] += 1
+
+    # ------------------------------------------------------------------ compaction
+
+    def maybe_compact(self, applied_index: int, make_durable: Callable[[], None], now_ms: int) -> None:
+        """Drop applied log entries once the log is long or large, keeping a tail for lagging followers."""
+        entries = applied_index - self.log.snapshot_index
+        if (
+            entries < self.snapshot_threshold_entries
+            and self.log.bytes_since_compaction < COMPACT_AFTER_BYTES
+        ):
+            return
+        keep = min(self.snapshot_threshold_entries // 2, KEEP_ENTRIES_AFTER_COMPACTION * 10)
+        if self.log.bytes_since_compaction >= COMPACT_AFTER_BYTES:
+            keep = KEEP_ENTRIES_AFTER_COMPACTION
+        self.compact(applied_index, make_durable, now_ms, keep=keep)
+
+    def compact(
+        self, applied_index: int, make_durable: Callable[[], None], now_ms: int, *, keep: int
+    ) -> None:
+        """Drop applied log entries except the last ``keep`` of them."""
+        through = applied_index - keep
+        term = self.core.term_at(through)
+        if through <= self.log.snapshot_index or term is None:
+            return
+        make_durable()  # the state machine must hold everything the log forgets
+        self.log.compact(through, term)
+        self._step(Compacted(through, term), now_ms)
+
+    def close(self) -> None:
+        """Close the peer sockets."""
+        if self.transport is not None:
+            self.transport.close()
