@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as p
 from client.errors import (
@@ -117,6 +118,7 @@ class Connection:
         self._endpoint_index = 0
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rids = itertools.count(1)
         self._inflight: dict[int, _Request] = {}
@@ -164,11 +166,39 @@ class Connection:
             batcher.items.clear()
 
     def _close_socket(self) -> None:
+        loop_open = self._loop is not None and not self._loop.is_closed()
+        if self._monitor is not None:
+            if loop_open:
+                assert self._loop is not None
+                self._loop.remove_reader(self._monitor.FD)
+            self._monitor.close(0)
+            self._monitor = None
         if self._socket is not None:
-            if self._loop is not None and not self._loop.is_closed():
+            if loop_open:
+                assert self._loop is not None
                 self._loop.remove_reader(self._socket.FD)
+            self._socket.disable_monitor()
             self._socket.close(0)
             self._socket = None
+
+    def _on_monitor(self) -> None:
+        """The TCP connection under the socket dropped: a dead node is noticed now, not after heartbeats."""
+        monitor = self._monitor
+        while monitor is not None and monitor is self._monitor:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_DISCONNECTED and self.state is ConnectionState.READY:
+                self._reconnect(f"lost the connection to node {self.node_id}")
+                return
+            if kind == zmq.EVENT_CONNECT_RETRIED and self._welcome is not None and not self._welcome.done():
+                # Nothing listens there (a dead node): try the next endpoint now rather than time out.
+                self._welcome.set_exception(BrokerConnectionError("connection refused"))
+                return
 
     def _follow(self, endpoint: str | None) -> None:
         """Point at the leader's endpoint when known, else at the next endpoint of the list."""
@@ -191,6 +221,8 @@ class Connection:
         socket.setsockopt(zmq.RCVHWM, 100_000)
         socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        self._loop.add_reader(self._monitor.FD, self._on_monitor)
         socket.connect(self.endpoints[self._endpoint_index])
         self._socket = socket
         self._loop.add_reader(socket.FD, self._on_readable)
@@ -205,7 +237,7 @@ class Connection:
             self._close_socket()
             self._follow(exc.leader_endpoint)
             return False
-        except (TimeoutError, zmq.ZMQError):
+        except (TimeoutError, zmq.ZMQError, BrokerConnectionError):
             self._close_socket()
             self._follow(None)
             return False
@@ -244,6 +276,7 @@ class Connection:
         while self.state is not ConnectionState.CLOSED:
             await asyncio.sleep(min(self.heartbeat_interval_s, 0.5))
             self._on_readable()  # a safety net should a read edge ever be missed
+            self._on_monitor()
             now = time.monotonic()
             self._expire(now)
             if self.state is not ConnectionState.READY:
@@ -423,7 +456,11 @@ class Connection:
 
     def _on_error(self, rid: int, code: p.ErrorCode, message: str, leader: str) -> None:
         error = error_from_code(code, message, leader or None)
-        if self.state is ConnectionState.CONNECTING and self._welcome is not None and not self._welcome.done():
+        if (
+            self.state is ConnectionState.CONNECTING
+            and self._welcome is not None
+            and not self._welcome.done()
+        ):
             if isinstance(error, NotLeaderError):
                 self._welcome.set_exception(error)  # HELLO went to a follower: _connect_once follows
                 return

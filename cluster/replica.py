@@ -213,7 +213,9 @@ class Replica:
         """Entry payloads from this turn's appends (maybe not on disk yet) or from the log."""
         if first in fresh and first + count - 1 in fresh:
             return tuple(fresh[index] for index in range(first, first + count))
-        stored = self.log.payloads(first, count - sum(1 for index in range(first, first + count) if index in fresh))
+        stored = self.log.payloads(
+            first, count - sum(1 for index in range(first, first + count) if index in fresh)
+        )
         return stored + tuple(fresh[index] for index in range(first + len(stored), first + count))
 
     # ------------------------------------------------------------------ snapshots
