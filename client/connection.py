@@ -140,8 +140,8 @@ class Connection:
             if time.monotonic() >= deadline:
                 self.state = ConnectionState.IDLE
                 raise BrokerConnectionError(
-                    f"no zbroker node answered as leader at {', '.join(self.endpoints)} within {timeout_s:g}s; "
-                    "is `brokerctl serve` running there?"
+                    f"no zbroker node answered as leader at {', '.join(self.endpoints)} "
+                    f"within {timeout_s:g}s; is `brokerctl serve` running there?"
                 )
             await asyncio.sleep(REDIRECT_PAUSE_S)
         self._keepalive_task = asyncio.create_task(self._keepalive(), name="zbroker-keepalive")
@@ -456,14 +456,15 @@ class Connection:
 
     def _on_error(self, rid: int, code: p.ErrorCode, message: str, leader: str) -> None:
         error = error_from_code(code, message, leader or None)
+        welcome = self._welcome
         if (
             self.state is ConnectionState.CONNECTING
-            and self._welcome is not None
-            and not self._welcome.done()
+            and welcome is not None
+            and not welcome.done()
+            and isinstance(error, NotLeaderError)
         ):
-            if isinstance(error, NotLeaderError):
-                self._welcome.set_exception(error)  # HELLO went to a follower: _connect_once follows
-                return
+            welcome.set_exception(error)  # HELLO went to a follower: _connect_once follows the hint
+            return
         if isinstance(error, NotLeaderError):
             self._reconnect(f"node {self.node_id} is not the leader", error.leader_endpoint)
             return  # the request stays in flight and is re-sent to the leader

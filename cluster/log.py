@@ -8,6 +8,7 @@ Entries up to ``snapshot_index`` are gone: the state machine (or an installed sn
 from __future__ import annotations
 
 import struct
+
 from broker.keys import END, U64, Cf
 from broker.store import Store
 from cluster.messages import Effects, HardState

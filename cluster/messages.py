@@ -67,7 +67,7 @@ class AppendRequest:
 
 @dataclass(frozen=True, slots=True)
 class AppendResponse:
-    """Success: the follower's log matches the leader's up to ``match_index``. Failure: retry from ``hint``."""
+    """Success: the follower matches the leader up to ``match_index``. Failure: retry from ``hint``."""
 
     term: int
     success: bool

@@ -143,7 +143,7 @@ class IncomingSnapshot:
 
 
 def install_state_dir(state_dir: Path, staged: Path) -> None:
-    """Replace ``state_dir`` with ``staged``: rename the old one aside, move the new one in, delete the old."""
+    """Replace ``state_dir`` with ``staged``: move the old one aside, the new one in, delete the old."""
     old = state_dir.with_name(state_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if state_dir.exists():
