@@ -122,28 +122,47 @@ def serve(
 
 @app.command()
 def dev(
-    data_dir: Annotated[Path, typer.Option(help="Where the node keeps its data.")] = Path("var"),
-    port: Annotated[int, typer.Option(help="Client port of the node.")] = 7101,
+    data_dir: Annotated[Path, typer.Option(help="Where the nodes keep their data, configs and logs.")] = Path(
+        "var"
+    ),
+    port: Annotated[int, typer.Option(help="Client port of n1 (n2, n3 follow; peers use port+100).")] = 7101,
+    nodes: Annotated[int, typer.Option(help="How many nodes.")] = 3,
 ) -> None:
-    """Run a local node with defaults, for a first try (data under ./var)."""
-    from broker.server import serve as run
-    from config import Settings
+    """Run a local cluster (3 nodes by default) with defaults, for a first try (data under ./var)."""
+    import signal
+    import time
 
-    endpoint = f"tcp://127.0.0.1:{port}"
-    settings = Settings.model_validate(
-        {
-            "node": {
-                "id": "n1",
-                "client_endpoint": endpoint,
-                "peer_endpoint": f"tcp://127.0.0.1:{port + 100}",
-                "data_dir": str(data_dir / "n1"),
-            }
-        }
-    )
-    typer.echo(f"zbroker dev node n1 on {endpoint}, data in {data_dir / 'n1'}")
-    typer.echo(f'connect with: BrokerQueue("{endpoint}")   or   brokerctl status -e {endpoint}')
+    from broker.launcher import ClusterProcesses
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cluster = ClusterProcesses(data_dir, nodes, base_port=port).start()
+    except (ConfigError, RuntimeError, TimeoutError) as exc:
+        raise _fail(
+            f"could not start the cluster: {exc} (see the logs in {data_dir})", ExitCode.FAILURE
+        ) from None
+    endpoints = ",".join(cluster.endpoints)
+    typer.echo(f"zbroker dev cluster of {nodes} on {endpoints}; data, configs and logs in {data_dir}/")
+    typer.echo(f'connect with:  BrokerQueue("{endpoints}")   or   brokerctl status -e {endpoints}')
     typer.echo("stop with Ctrl-C")
-    run(settings)
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            for node_id, node in cluster.nodes.items():
+                if not node.running:
+                    typer.echo(f"{node_id} exited; see {node.log_path}", err=True)
+                    stopping = True
+            time.sleep(0.2)
+    finally:
+        codes = cluster.stop_all()
+        typer.echo(f"stopped: {codes}")
 
 
 @app.command()

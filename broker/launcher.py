@@ -255,6 +255,8 @@ class ClusterProcesses:
         size: How many members.
         node_options: ``[node]`` keys (as written in TOML) given to every member.
         cluster_options: ``[cluster]`` keys other than ``nodes`` (``election_timeout``, …).
+        base_port: Use fixed ports instead of free ones: clients on ``base_port + i``, peers on
+            ``base_port + 100 + i``.
         peer_address: Called once per ordered pair of distinct members as
             ``peer_address(src_id, dst_id, dst_peer_endpoint)``; returns the peer endpoint src's
             config lists for dst (e.g. a proxy's). By default every config lists the real ones.
@@ -273,11 +275,19 @@ class ClusterProcesses:
         node_options: Mapping[str, Any] | None = None,
         cluster_options: Mapping[str, Any] | None = None,
         peer_address: PeerAddress | None = None,
+        base_port: int | None = None,
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one member, got size={size}")
         self.workdir = workdir
-        with _reserved_ports(2 * size) as ports:
+        with _reserved_ports(0 if base_port else 2 * size) as free:
+            # Fixed ports (``brokerctl dev``): clients on base_port+i, peers on base_port+100+i.
+            fixed = (
+                [port for i in range(size) for port in (base_port + i, base_port + 100 + i)]
+                if base_port
+                else []
+            )
+            ports = free or fixed
             self.members: tuple[ClusterMember, ...] = tuple(
                 ClusterMember(
                     id=f"n{index + 1}",

@@ -258,11 +258,6 @@ class Scheduler:
             if now_ms - session.last_seen_ms > session.timeout_ms:
                 self._drop(session)
                 expired.append(session.session)
-        # A lease granted while its session was expiring is applied after the session is gone; it has
-        # no session left to time out, so it ends here too.
-        expired.extend(
-            key for key in self.state.session_leases if key not in self.sessions and key not in expired
-        )
         commands: list[LogCommand] = []
         for key in expired:
             refs = [ref for ref in self.state.leases_of(key) if ref.seq not in self._pending_settled]
@@ -270,6 +265,22 @@ class Scheduler:
                 command = ExpireCmd(tuple(refs), "session expired")
                 self.note_settle(command)
                 commands.append(command)
+        # A lease granted while its session was closing or expiring (or by a previous leader to a session
+        # this one never saw) is applied after the session is gone: it was never delivered, so it is
+        # released without counting an attempt.
+        orphans = [
+            ref
+            for key in self.state.session_leases
+            if key not in self.sessions and key not in expired
+            for ref in self.state.leases_of(key)
+            if ref.seq not in self._pending_settled
+        ]
+        if orphans:
+            release = NackCmd(
+                tuple(NackItem(ref.seq, ref.lease_token, True, "session gone") for ref in orphans)
+            )
+            self.note_settle(release)
+            commands.append(release)
         return commands
 
     def _promote(self, channel: ChannelState, now_ms: int) -> PromoteCmd | None:

@@ -255,8 +255,9 @@ def test_a_lease_applied_after_its_session_said_goodbye_is_expired() -> None:
     assert release is None  # nothing applied to release yet
     core.apply(*grant)
     assert len(core.state.leases) == 1
-    # Then the next turn expires the lease nobody will ever receive
+    # Then the next turn releases the lease nobody will ever receive (no attempt counted)
     outcome = core.turn(T0 + 2)
-    assert outcome.entry is not None and isinstance(outcome.entry.commands[0], ExpireCmd)
+    assert outcome.entry is not None and isinstance(outcome.entry.commands[0], NackCmd)
+    assert all(item.release for item in outcome.entry.commands[0].items)
     assert core.state.leases == {}
     assert stats(core)["ready"] == 1
