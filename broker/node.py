@@ -70,7 +70,7 @@ class Node:
         self.state_dir = self.data_dir / "state"
         recover_state_dir(self.state_dir)
         self.log_store = RocksStore(
-            self.data_dir / "log", (Cf.LOG, Cf.RAFT), memtable_bytes=LOG_MEMTABLE_BYTES
+            self.data_dir / "log", (Cf.LOG, Cf.RAFT), memtable_bytes=LOG_MEMTABLE_BYTES, recycle_wal_files=2
         )
         self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
@@ -86,6 +86,8 @@ class Node:
         self._stopping = False
         self._stop_deadline_ms = 0
         self._waiting: dict[int, Turn] = {}
+        # Entries this leader proposed, kept decoded until applied (a Raft truncation drops them).
+        self._proposed: dict[int, LogEntry] = {}
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         cluster = settings.cluster
         members = {member.id: (member.client_endpoint, member.peer_endpoint) for member in settings.members()}
@@ -237,7 +239,8 @@ class Node:
             turn.add(command, frontend.deliver if isinstance(command, LeaseCmd) else None)
         if not turn.commands:
             return
-        index = self.replica.propose(encode_entry(LogEntry(wall_ms(), tuple(turn.commands))), now)
+        entry = LogEntry(wall_ms(), tuple(turn.commands))
+        index = self.replica.propose(encode_entry(entry), now)
         if index is None:  # leadership is being handed over: clients retry at the next leader
             self.scheduler.forget_pending()
             self._refuse(turn)
@@ -245,6 +248,7 @@ class Node:
         self.counters["entries_proposed"] += 1
         self.scheduler.proposed(index)
         self._waiting[index] = turn
+        self._proposed[index] = entry
 
     def _refuse(self, turn: Turn) -> None:
         for routing_id, rid in turn.requesters:
@@ -262,13 +266,10 @@ class Node:
         while self.state.applied_index < ready:
             start = self.state.applied_index + 1
             end = min(ready, start + APPLY_BATCH_ENTRIES - 1) + 1
-            rows = self.replica.log.entries(start, end)
-            if not rows or rows[0][0] != start:
+            entries = self._entries(start, end)
+            if entries is None:
                 log.error("entries %d..%d are missing from the log; waiting for the leader", start, end - 1)
                 return
-            entries = [
-                (index, decode_entry(payload) if payload else LogEntry(0, ())) for index, _, payload in rows
-            ]
             results = self.state.apply(entries)
             self.counters["entries_applied"] += len(entries)
             for (index, _), entry_results in zip(entries, results, strict=True):
@@ -279,6 +280,24 @@ class Node:
                 for result, callback in zip(entry_results, turn.callbacks, strict=True):
                     if callback is not None:
                         callback(result)
+
+    def _entries(self, start: int, end: int) -> list[tuple[int, LogEntry]] | None:
+        """Decoded entries start..end-1: this leader's own proposals as built, the rest from the log."""
+        recent = self.replica.recent_payloads
+        if all(index in self._proposed or index in recent for index in range(start, end)):
+            rows = [(index, recent.get(index, b"")) for index in range(start, end)]
+        else:
+            rows = [(index, payload) for index, _, payload in self.replica.log.entries(start, end)]
+            if len(rows) != end - start or rows[0][0] != start:
+                return None
+        entries = []
+        for index, payload in rows:
+            entry = self._proposed.pop(index, None)
+            if entry is None:
+                entry = decode_entry(payload) if payload else LogEntry(0, ())
+            entries.append((index, entry))
+        self.replica.forget_recent(end - 1)
+        return entries
 
     def _role_changed(self) -> None:
         replica = self.replica
@@ -298,6 +317,7 @@ class Node:
         for turn in self._waiting.values():
             self._refuse(turn)
         self._waiting.clear()
+        self._proposed.clear()
         self.scheduler.reset_sessions()
 
     # ------------------------------------------------------------------ snapshots

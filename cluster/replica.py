@@ -101,6 +101,8 @@ class Replica:
         self._outgoing: dict[str, OutgoingSnapshot] = {}
         self._incoming = IncomingSnapshot(work_dir / "incoming-snapshot")
         self.role_changed = False
+        # Payloads appended but not yet applied: the node applies from here instead of reading back.
+        self.recent_payloads: dict[int, bytes] = {}
         self.counters = {
             "peer_frames_in": 0,
             "peer_frames_out": 0,
@@ -181,6 +183,11 @@ class Replica:
         if early:
             self._send_all(effects, now_ms)
             effects.messages = []
+        if effects.truncate_from is not None:
+            for index in [index for index in self.recent_payloads if index >= effects.truncate_from]:
+                del self.recent_payloads[index]
+        for index, _, payload in effects.append:
+            self.recent_payloads[index] = payload
         if effects.persist_needed():
             self.log.persist(effects)
             effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
@@ -217,6 +224,11 @@ class Replica:
             first, count - sum(1 for index in range(first, first + count) if index in fresh)
         )
         return stored + tuple(fresh[index] for index in range(first + len(stored), first + count))
+
+    def forget_recent(self, through_index: int) -> None:
+        """Drop cached payloads up to ``through_index`` (applied)."""
+        for index in [index for index in self.recent_payloads if index <= through_index]:
+            del self.recent_payloads[index]
 
     # ------------------------------------------------------------------ snapshots
 
@@ -269,6 +281,7 @@ class Replica:
         log.info("installing the snapshot from %s through entry %d", request.leader, request.index)
         self._install(staged, request.index)
         self.log.reset(request.index, request.snapshot_term)
+        self.recent_payloads.clear()
         effects.merge(self.core.step(SnapshotInstalled(request.index, request.snapshot_term), now_ms))
         self.counters["snapshots_installed"] += 1
 

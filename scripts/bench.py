@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.launcher import NodeProcess, free_port, wait_for_port  # noqa: E402
+from broker.launcher import ClusterProcesses, NodeProcess, free_port, wait_for_port  # noqa: E402
 from client import BrokerQueue  # noqa: E402
 
 SIZES = {"200B": 200, "4KB": 4096}
@@ -41,7 +41,7 @@ def percentile(samples: list[float], fraction: float) -> float:
 # --------------------------------------------------------------------------- zbroker
 
 
-async def zb_produce(endpoint: str, size: int, messages: int, in_flight: int) -> dict[str, float]:
+async def zb_produce(endpoint: list[str], size: int, messages: int, in_flight: int) -> dict[str, float]:
     async with BrokerQueue(endpoint) as queue:
         channel = queue.channel("bench/produce", bytes)
         body = b"x" * size
@@ -65,7 +65,7 @@ async def zb_produce(endpoint: str, size: int, messages: int, in_flight: int) ->
     }
 
 
-async def zb_consume(endpoint: str, size: int, messages: int) -> dict[str, float]:
+async def zb_consume(endpoint: list[str], size: int, messages: int) -> dict[str, float]:
     async with BrokerQueue(endpoint) as queue:
         channel = queue.channel("bench/consume", bytes)
         body = b"x" * size
@@ -184,21 +184,32 @@ def fresh_node(workdir: Path) -> NodeProcess:
 
 
 class ZbrokerTarget:
-    """A fresh zbroker node per round."""
+    """A fresh zbroker node (or a cluster of ``NODES`` nodes) per round."""
 
     name = "zbroker"
+    nodes = 1
 
     def __init__(self, workdir: Path) -> None:
-        self.node = fresh_node(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        self.cluster = ClusterProcesses(workdir, self.nodes, node_options={"log_level": "warning"}).start()
+        self.endpoints = self.cluster.endpoints
+        asyncio.run(wait_for_leader(self.endpoints))
 
     async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
-        return await zb_produce(self.node.endpoint, size, count, in_flight)
+        return await zb_produce(self.endpoints, size, count, in_flight)
 
     async def consume(self, size: int, count: int) -> dict[str, float]:
-        return await zb_consume(self.node.endpoint, size, count)
+        return await zb_consume(self.endpoints, size, count)
 
     def stop(self) -> None:
-        self.node.stop()
+        self.cluster.stop_all()
+
+
+async def wait_for_leader(endpoints: list[str]) -> None:
+    """Until the cluster has elected a leader (a client connects only to a leader)."""
+    async with BrokerQueue(endpoints, connect_timeout=30):
+        pass
 
 
 class RedisTarget:
@@ -304,6 +315,36 @@ def memory(count: int) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def failover(times: int) -> None:
+    """SIGKILL the leader of a 3-node cluster ``times`` times; print how long until a produce is acked."""
+    base = Path(tempfile.mkdtemp(prefix="zbroker-failover-"))
+    cluster = ClusterProcesses(base, 3, node_options={"log_level": "warning"}).start()
+    gaps: list[float] = []
+
+    async def once() -> None:
+        async with BrokerQueue(cluster.endpoints, connect_timeout=30) as queue:
+            channel = queue.channel("bench/failover", int)
+            await channel.produce(0)
+            leader = queue.connection.node_id
+            cluster.kill(leader)
+            killed = time.perf_counter()
+            await channel.produce(1, timeout=60)
+            gaps.append(time.perf_counter() - killed)
+            print(
+                f"| {leader} killed | first ack after {gaps[-1]:.2f} s via {queue.connection.node_id} |",
+                flush=True,
+            )
+            cluster.restart(leader)
+
+    try:
+        for _ in range(times):
+            asyncio.run(once())
+        print(f"median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s over {len(gaps)} kills")
+    finally:
+        cluster.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -312,9 +353,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median reported)")
     parser.add_argument("--peer", choices=["redis", "none"], default="redis")
     parser.add_argument("--memory", type=int, default=0, help="queue this many messages and report RSS")
+    parser.add_argument("--nodes", type=int, default=1, help="zbroker cluster size (1 or 3)")
+    parser.add_argument(
+        "--failover", type=int, default=0, help="measure leader-kill failover this many times"
+    )
     args = parser.parse_args()
     if args.memory:
         memory(args.memory)
+        return
+    ZbrokerTarget.nodes = args.nodes
+    if args.failover:
+        failover(args.failover)
         return
     columns = ["scenario", "size", "zbroker rate", "zbroker p50 / p99", "redis rate", "redis p50 / p99"]
     print("| " + " | ".join([*columns, "zbroker / redis"]) + " |")
