@@ -193,7 +193,11 @@ class AdminHandler:
                     "id": member_id,
                     "client_endpoint": client_endpoint,
                     "peer_endpoint": peer_endpoint,
-                    "role": str(info.get("role", "unknown")) if known else "unreachable",
+                    # A leader hears from every member; a follower only from the leader, so for it the
+                    # other followers are "unknown" rather than unreachable.
+                    "role": str(info.get("role", "unknown"))
+                    if known
+                    else ("unreachable" if replica.is_leader else "unknown"),
                     "term": int(info.get("term", 0)),
                     "commit_index": int(info.get("commit", 0)),
                     "applied_index": applied,

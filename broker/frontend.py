@@ -33,6 +33,7 @@ MIN_SESSION_TIMEOUT_MS = 100
 MAX_SESSION_TIMEOUT_MS = 3_600_000
 # Admin operations any node answers from its own view; everything else needs the leader.
 LOCAL_ADMIN_OPS = frozenset({"ping", "cluster_status"})
+MAX_ADMIN_CONNECTIONS = 1024
 
 ResultCallback = Callable[[CommandResult], None]
 
@@ -69,6 +70,7 @@ class Frontend:
         # Frames to send at the end of the turn; a DELIVER carries its leases, released if it cannot go.
         self._outbox: list[tuple[list[bytes], list[p.NackItem] | None]] = []
         self.undelivered: list[p.NackItem] = []
+        self._admin_ids: set[bytes] = set()
 
     # ------------------------------------------------------------------ receiving
 
@@ -102,12 +104,26 @@ class Frontend:
                 )
 
     def _redirect(self, routing_id: bytes, frame: p.ClientFrame) -> None:
-        """A follower answers what it can from its own view and sends everything else to the leader."""
-        if isinstance(frame, p.Admin) and frame.op in LOCAL_ADMIN_OPS:
-            self.node.admin.handle(routing_id, frame.request_id, frame.op, frame.args)
-            return
-        if isinstance(frame, p.Bye):
-            return
+        """A follower answers what it can from its own view and sends everything else to the leader.
+
+        Admin connections (HELLO with ``admin``) are welcome on any node, so ``brokerctl status -e NODE``
+        shows that node's view; their other requests are redirected like everyone's."""
+        match frame:
+            case p.Admin(rid, op, args) if op in LOCAL_ADMIN_OPS:
+                self.node.admin.handle(routing_id, rid, op, args)
+                return
+            case p.Hello(admin=True):
+                if len(self._admin_ids) >= MAX_ADMIN_CONNECTIONS:
+                    self._admin_ids.clear()
+                self._admin_ids.add(routing_id)
+                self.send(routing_id, p.encode(p.Command.WELCOME, self._welcome(0)))
+                return
+            case p.Heartbeat() if routing_id in self._admin_ids:
+                self.send(routing_id, p.HEARTBEAT_FRAME)
+                return
+            case p.Bye():
+                self._admin_ids.discard(routing_id)
+                return
         rid = getattr(frame, "request_id", 0)
         self.not_leader(routing_id, rid)
 
@@ -147,17 +163,11 @@ class Frontend:
                         f"HELLO needs a routing id of exactly {SESSION_ID_BYTES} bytes not starting with 0: "
                         "it names the session",
                     )
-                timeout_ms = timeout_ms or node.session_timeout_ms
-                timeout_ms = min(max(timeout_ms, MIN_SESSION_TIMEOUT_MS), MAX_SESSION_TIMEOUT_MS)
+                timeout_ms = min(
+                    max(timeout_ms or node.session_timeout_ms, MIN_SESSION_TIMEOUT_MS), MAX_SESSION_TIMEOUT_MS
+                )
                 attached = scheduler.attach(routing_id, timeout_ms, now)
-                welcome = {
-                    "node": node.node_id,
-                    "session_timeout_ms": timeout_ms,
-                    "heartbeat_ms": min(node.heartbeat_interval_ms, max(timeout_ms // 3, 10)),
-                    "max_message_bytes": node.max_message_bytes,
-                    "leader": node.settings.node.client_endpoint,
-                }
-                self.send(routing_id, p.encode(p.Command.WELCOME, welcome))
+                self.send(routing_id, p.encode(p.Command.WELCOME, self._welcome(timeout_ms)))
                 self._redeliver(attached)
             case p.Subscribe(rid):
                 if session is None:
@@ -189,6 +199,17 @@ class Frontend:
                     turn.closing.append(session)
             case p.Admin(rid, op, args):
                 node.admin.handle(routing_id, rid, op, args)
+
+    def _welcome(self, timeout_ms: int) -> dict[str, Any]:
+        node = self.node
+        timeout_ms = timeout_ms or node.session_timeout_ms
+        return {
+            "node": node.node_id,
+            "session_timeout_ms": timeout_ms,
+            "heartbeat_ms": min(node.heartbeat_interval_ms, max(timeout_ms // 3, 10)),
+            "max_message_bytes": node.max_message_bytes,
+            "leader": node.replica.leader_client_endpoint(),
+        }
 
     def _take_produce(self, routing_id: bytes, frame: p.Produce) -> None:
         limit = self.node.max_message_bytes

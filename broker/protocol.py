@@ -96,6 +96,7 @@ class Hello:
 
     session_timeout_ms: int
     client_name: str
+    admin: bool = False  # an admin-only connection: any node accepts it and answers what it can
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,8 +395,11 @@ def decode_client(frames: list[bytes]) -> ClientFrame:
     fields = _Fields(doc, command.name)
     match command:
         case Command.HELLO:
+            admin = doc.get("admin", False)
+            if not isinstance(admin, bool):
+                raise fields.fail("field 'admin' must be a boolean")
             return Hello(
-                fields.integer("session_timeout_ms", 0, 3_600_000, 0), fields.string("client", 200, "")
+                fields.integer("session_timeout_ms", 0, 3_600_000, 0), fields.string("client", 200, ""), admin
             )
         case Command.HEARTBEAT:
             return Heartbeat()
@@ -573,9 +577,11 @@ def decode_node(frames: list[bytes]) -> NodeFrame:
 # --------------------------------------------------------------------------- encoders
 
 
-def encode_hello(session_timeout_ms: int, client_name: str) -> list[bytes]:
+def encode_hello(session_timeout_ms: int, client_name: str, *, admin: bool = False) -> list[bytes]:
     """Encode HELLO."""
-    return encode(Command.HELLO, {"session_timeout_ms": session_timeout_ms, "client": client_name})
+    return encode(
+        Command.HELLO, {"session_timeout_ms": session_timeout_ms, "client": client_name, "admin": admin}
+    )
 
 
 HEARTBEAT_FRAME = encode(Command.HEARTBEAT, {})

@@ -119,6 +119,7 @@ class BrokerAdmin:
                 client_name="brokeradmin",
                 on_deliver=lambda frame: None,
                 on_session=_nothing,
+                admin=True,
             )
             await connection.start(self.timeout_s)
             self._connection = connection

@@ -102,12 +102,14 @@ class Connection:
         client_name: str,
         on_deliver: Callable[[p.Deliver], None],
         on_session: Callable[[], Awaitable[None]],
+        admin: bool = False,
     ) -> None:
         if not endpoints:
             raise BrokerConnectionError("no endpoints given: pass e.g. 'tcp://127.0.0.1:7101'")
         self.endpoints = list(endpoints)
         self.session_timeout_s = session_timeout_s
         self.client_name = client_name
+        self.admin = admin
         self.routing_id = b"Z" + os.urandom(15)
         self.state = ConnectionState.IDLE
         self.node_id = ""
@@ -229,7 +231,8 @@ class Connection:
         self._welcome = self._loop.create_future()
         try:
             socket.send_multipart(
-                p.encode_hello(int(self.session_timeout_s * 1000), self.client_name), zmq.NOBLOCK
+                p.encode_hello(int(self.session_timeout_s * 1000), self.client_name, admin=self.admin),
+                zmq.NOBLOCK,
             )
             self._loop.call_soon(self._on_readable)
             welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
