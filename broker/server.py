@@ -48,12 +48,20 @@ def configure_logging(settings: Settings) -> None:
 def serve(settings: Settings) -> None:
     """Run one node until SIGTERM or SIGINT, then shut down cleanly."""
     configure_logging(settings)
-    node = Node(settings)
+    node: Node | None = None
+    stop_requested = False
 
     def _stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
         logging.getLogger("zbroker.node").info("received %s: shutting down", signal.Signals(signum).name)
-        node.stop()
+        stop_requested = True
+        if node is not None:
+            node.stop()
 
+    # Before the node binds its ports: a SIGTERM that arrives while it starts is still a clean stop.
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    node = Node(settings)
+    if stop_requested:
+        node.stop()
     node.run()
