@@ -36,8 +36,12 @@ class ExitCode(IntEnum):
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Run and operate zbroker nodes.")
 queue_app = typer.Typer(no_args_is_help=True, help="Inspect and manage one queue.")
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters of a queue.")
+leader_app = typer.Typer(no_args_is_help=True, help="Leadership of the cluster.")
+config_app = typer.Typer(no_args_is_help=True, help="Node configuration files.")
 app.add_typer(queue_app, name="queue")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(leader_app, name="leader")
+app.add_typer(config_app, name="config")
 
 EndpointOption = Annotated[
     str,
@@ -55,17 +59,10 @@ def _fail(message: str, code: ExitCode) -> typer.Exit:
 
 def _run_admin(endpoint: str, call: Callable[[BrokerAdmin], Awaitable[T]]) -> T:
     async def main() -> T:
-        async with BrokerAdmin(endpoint or DEFAULT_ENDPOINT, timeout=5.0) as admin:
+        async with BrokerAdmin(_endpoints(endpoint), timeout=5.0) as admin:
             return await call(admin)
 
-    try:
-        return asyncio.run(main())
-    except (BrokerConnectionError, BrokerTimeoutError) as exc:
-        raise _fail(str(exc), ExitCode.UNREACHABLE) from None
-    except NotFoundError as exc:
-        raise _fail(str(exc), ExitCode.NOT_FOUND) from None
-    except BrokerError as exc:
-        raise _fail(str(exc), ExitCode.FAILURE) from None
+    return _run(main())
 
 
 def _confirm_or_exit(question: str, yes: bool) -> None:
@@ -233,6 +230,155 @@ def dlq_requeue(name: str, endpoint: EndpointOption = "", yes: YesOption = False
     """Move every dead letter of a queue back to ready."""
     _confirm_or_exit(f"Requeue every dead letter of {name!r}?", yes)
     typer.echo(f"requeued {_run_admin(endpoint, lambda admin: admin.requeue_dead(name))} messages")
+
+
+@dlq_app.command("purge")
+def dlq_purge(name: str, endpoint: EndpointOption = "", yes: YesOption = False) -> None:
+    """Delete every dead letter of a queue."""
+    _confirm_or_exit(f"Delete every dead letter of {name!r}?", yes)
+    typer.echo(f"purged {_run_admin(endpoint, lambda admin: admin.purge_dead(name))} dead letters")
+
+
+@leader_app.command("transfer")
+def leader_transfer(node: str, endpoint: EndpointOption = "") -> None:
+    """Hand leadership to NODE (it takes over within an election timeout)."""
+    result = _run_admin(endpoint, lambda admin: admin.transfer_leadership(node))
+    typer.echo(f"leadership is moving to {result}")
+
+
+@config_app.command("check")
+def config_check(file: Path, as_json: JsonOption = False) -> None:
+    """Load and validate a node configuration file (with ZBROKER_* overrides); print the result."""
+    from config import load_settings
+
+    try:
+        settings = load_settings(file)
+    except ConfigError as exc:
+        raise _fail(str(exc), ExitCode.CONFIG) from None
+    if as_json:
+        typer.echo(settings.model_dump_json(indent=2, by_alias=True))
+        return
+    members = settings.members()
+    typer.echo(f"{file}: valid; node {settings.node.id}, a cluster of {len(members)}")
+    _print([member.model_dump() for member in members], False, ["id", "client_endpoint", "peer_endpoint"])
+
+
+@app.command()
+def produce(
+    name: str,
+    data: Annotated[str, typer.Argument(help="The payload as JSON.")],
+    priority: Annotated[int, typer.Option(help="Higher is delivered first.")] = 0,
+    delay: Annotated[str | None, typer.Option(help='Hold back, e.g. "10s".')] = None,
+    exactly_once: Annotated[bool, typer.Option("--exactly-once", help="Deduplicate (5 min window).")] = False,
+    endpoint: EndpointOption = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Put one message (a JSON value) on a channel, for debugging."""
+    from client import BrokerQueue, QueueMessageProcessing
+
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"DATA is not valid JSON: {exc}", ExitCode.USAGE) from None
+    mode = QueueMessageProcessing.EXACTLY_ONCE if exactly_once else QueueMessageProcessing.AT_LEAST_ONCE
+
+    async def main() -> Any:
+        async with BrokerQueue(_endpoints(endpoint), connect_timeout=5.0) as queue:
+            channel = queue.channel(name, process=mode)
+            return await channel.produce(payload, priority=priority, delay=delay, timeout=10.0)
+
+    result = _run(main())
+    _print(result, as_json, ["id", "duplicate"])
+
+
+@app.command()
+def consume(
+    name: str,
+    count: Annotated[int, typer.Option("-n", help="Stop after this many messages.")] = 1,
+    wait: Annotated[float, typer.Option(help="Give up after this many seconds without a message.")] = 10.0,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Take messages off a channel (acking them) and print each as a JSON line, for debugging."""
+    from client import BrokerQueue, QueueMessage
+
+    async def main() -> int:
+        received = 0
+        done = asyncio.Event()
+        arrived = asyncio.Event()
+
+        async def show(data: Any, message: QueueMessage[Any]) -> None:
+            nonlocal received
+            if received >= count:
+                raise RuntimeError("brokerctl consume has all it asked for")  # nacked, goes back
+            received += 1
+            line = {
+                "id": message.id,
+                "attempt": message.attempt,
+                "produced_at": message.produced_at,
+                "data": data,
+            }
+            typer.echo(json.dumps(_plain(line), default=str))
+            arrived.set()
+            if received >= count:
+                done.set()
+
+        async with BrokerQueue(_endpoints(endpoint), connect_timeout=5.0) as queue:
+            consumer = await queue.channel(name).consume(show)
+            while not done.is_set():
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), wait)
+                except TimeoutError:
+                    break
+            await consumer.close()
+        return received
+
+    received = _run(main())
+    if received < count:
+        raise _fail(f"got {received} of {count} messages within {wait:g}s", ExitCode.NOT_FOUND)
+
+
+@app.command()
+def worker(
+    module: Annotated[str, typer.Argument(help="Python module whose import registers consumers.")],
+    processes: Annotated[int, typer.Option(help="Worker processes, each its own session.")] = 1,
+    grace: Annotated[float, typer.Option(help="Seconds in-flight messages get to finish on SIGTERM.")] = 30.0,
+    endpoint: EndpointOption = "",
+) -> None:
+    """Run every consumer MODULE registers (``@channel.consumer(...)``) until SIGTERM or Ctrl-C."""
+    from client.worker import run_worker
+
+    try:
+        code = run_worker(module, _endpoints(endpoint), processes=processes, grace_s=grace)
+    except (ImportError, BrokerError) as exc:
+        raise _fail(str(exc), ExitCode.USAGE if isinstance(exc, ImportError) else ExitCode.FAILURE) from None
+    raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark (the options of scripts/bench, e.g. --messages 30000 --nodes 3)."""
+    from broker.bench import main as bench_main
+
+    bench_main(list(ctx.args))
+
+
+def _endpoints(endpoint: str) -> list[str]:
+    return [part.strip() for part in (endpoint or DEFAULT_ENDPOINT).split(",") if part.strip()]
+
+
+def _run(coroutine: Awaitable[T]) -> T:
+    async def main() -> T:
+        return await coroutine
+
+    try:
+        return asyncio.run(main())
+    except (BrokerConnectionError, BrokerTimeoutError) as exc:
+        raise _fail(str(exc), ExitCode.UNREACHABLE) from None
+    except NotFoundError as exc:
+        raise _fail(str(exc), ExitCode.NOT_FOUND) from None
+    except BrokerError as exc:
+        raise _fail(str(exc), ExitCode.FAILURE) from None
 
 
 def main() -> None:

@@ -212,6 +212,11 @@ class BrokerAdmin:
         result = await self._call("requeue_dead", name=self._name(name))
         return int(result["requeued"])
 
+    async def transfer_leadership(self, node_id: str) -> str:
+        """Ask the leader to hand leadership to ``node_id``; returns the node it moves to."""
+        result = await self._call("leader_transfer", node=node_id)
+        return str(result.get("transferring_to") or result.get("leader"))
+
     async def purge_dead(self, name: str) -> int:
         """Delete every dead letter of a queue; returns how many."""
         result = await self._call("purge_dead", name=self._name(name))

@@ -213,8 +213,12 @@ class Consumer(Generic[T]):
                 delivery.message_id,
             )
 
-    async def close(self) -> None:
-        """Stop taking messages, finish in-flight ones (acking them), release anything delivered after."""
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop taking messages, finish in-flight ones (acking them), release anything delivered after.
+
+        With ``grace_s``, handlers still running after that many seconds are cancelled and their
+        messages released for immediate redelivery elsewhere (a worker's graceful shutdown).
+        """
         if self.state in (ConsumerState.CLOSING, ConsumerState.CLOSED):
             return
         self.state = ConsumerState.CLOSING
@@ -225,7 +229,11 @@ class Consumer(Generic[T]):
         except BrokerError as exc:
             log.warning("unsubscribe of %s failed: %s", self.channel.name, exc)
         if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            running = list(self._tasks)
+            _, late = await asyncio.wait(running, timeout=grace_s)
+            for task in late:
+                task.cancel()  # _process releases the message as it is cancelled
+            await asyncio.gather(*running, return_exceptions=True)
         self.state = ConsumerState.CLOSED
         self.queue.unregister(self.subscription_id)
         if self._executor is not None:

@@ -23,6 +23,7 @@ from client.errors import (
     error_from_code,
 )
 from client.message import ProduceResult, QueueMessageProcessing
+from client.registry import ChannelDefinition
 
 T = TypeVar("T")
 
@@ -108,6 +109,9 @@ class BrokerQueue:
         return self._connection
 
     @overload
+    def channel(self, name: ChannelDefinition[T]) -> BrokerQueueChannel[T]: ...
+
+    @overload
     def channel(
         self,
         name: str,
@@ -137,7 +141,7 @@ class BrokerQueue:
 
     def channel(
         self,
-        name: str,
+        name: str | ChannelDefinition[Any],
         data_type: Any = Any,
         *,
         process: QueueMessageProcessing = QueueMessageProcessing.AT_LEAST_ONCE,
@@ -147,7 +151,12 @@ class BrokerQueue:
         retry_backoff_max: Duration = "5m",
         processing_timeout: Duration | None = None,
     ) -> BrokerQueueChannel[Any]:
-        """A typed channel; messages are checked against ``data_type`` on produce and rebuilt on consume."""
+        """A typed channel; messages are checked against ``data_type`` on produce and rebuilt on consume.
+
+        ``name`` may also be a ``ChannelDefinition`` shared with the workers; its options then apply.
+        """
+        if isinstance(name, ChannelDefinition):
+            return name.bind(self)
         return BrokerQueueChannel(
             self,
             name,

@@ -1,6 +1,7 @@
 """zbroker benchmark, side by side with a peer measured in the same run.
 
-    scripts/bench [--messages N] [--rounds R] [--peer redis|none] [--memory M]
+    scripts/bench [--messages N] [--rounds R] [--peer redis|none] [--nodes 1|3] [--memory M] [--failover K]
+    (the same as ``brokerctl bench ...``)
 
 Scenarios, for 200-byte and 4-KB payloads:
   produce-1     one produce in flight at a time; rate and p50/p99 latency
@@ -18,17 +19,13 @@ import asyncio
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from broker.launcher import ClusterProcesses, NodeProcess, free_port, wait_for_port  # noqa: E402
-from client import BrokerQueue  # noqa: E402
+from broker.launcher import ClusterProcesses, NodeProcess, free_port, wait_for_port
+from client import BrokerQueue
 
 SIZES = {"200B": 200, "4KB": 4096}
 
@@ -165,7 +162,7 @@ async def redis_consume(port: int, size: int, messages: int) -> dict[str, float]
     started = time.perf_counter()
     while handled < messages:
         batch = await client.xreadgroup("workers", "w1", {stream: ">"}, count=100, block=1000)
-        ids = [entry_id for _, entries in batch for entry_id, _ in entries]
+        ids = [entry_id for _, entries in batch for entry_id, _ in entries]  # type: ignore[str-unpack, union-attr]
         handled += len(ids)
         if ids:
             await client.xack(stream, "workers", *ids)
@@ -345,9 +342,10 @@ def failover(times: int) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark with command-line options (``brokerctl bench`` and ``scripts/bench``)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="brokerctl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median reported)")
@@ -357,7 +355,7 @@ def main() -> None:
     parser.add_argument(
         "--failover", type=int, default=0, help="measure leader-kill failover this many times"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.memory:
         memory(args.memory)
         return
