@@ -40,7 +40,8 @@ def load_registrations(module: str) -> list[ConsumerRegistration]:
     registrations = REGISTRY[before:] or list(REGISTRY)
     if not registrations:
         raise InvalidArgumentError(
-            f"module {module!r} registers no consumer: decorate a handler with @channel.consumer(max_parallel=...)"
+            f"module {module!r} registers no consumer: "
+            "decorate a handler with @channel.consumer(max_parallel=...)"
         )
     return registrations
 
