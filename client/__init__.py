@@ -29,6 +29,7 @@ from client.errors import (
 )
 from client.message import ProduceResult, QueueMessage, QueueMessageProcessing
 from client.queue import BrokerQueue, BrokerQueueChannel
+from client.registry import ChannelDefinition
 
 __all__ = [
     "BrokerAdmin",
@@ -37,6 +38,7 @@ __all__ = [
     "BrokerQueue",
     "BrokerQueueChannel",
     "BrokerTimeoutError",
+    "ChannelDefinition",
     "ClusterStatus",
     "ConfigError",
     "Consumer",
