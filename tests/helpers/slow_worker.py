@@ -1,4 +1,4 @@
-"""A worker module for shutdown tests: each message takes ``$SLOW_SECONDS``; starts and ends go to ``$SLOW_LOG``."""
+"""A worker module for shutdown tests: each message takes $SLOW_SECONDS; starts and ends go to $SLOW_LOG."""
 
 from __future__ import annotations
 
