@@ -9,6 +9,7 @@ NOT_LEADER and the leader's endpoint, so clients move there and re-send.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,7 @@ class Turn:
     commands: list[LogCommand] = field(default_factory=list)
     callbacks: list[ResultCallback | None] = field(default_factory=list)
     produce: list[p.ProduceItem] = field(default_factory=list)
-    produce_waiters: list[tuple[bytes, int, list[Any], list[int]]] = field(default_factory=list)
+    produce_waiters: list[tuple[bytes, int, list[Any], list[int], float]] = field(default_factory=list)
     acks: list[p.LeaseRef] = field(default_factory=list)
     ack_waiters: list[tuple[bytes, int, int]] = field(default_factory=list)
     nacks: list[p.NackItem] = field(default_factory=list)
@@ -53,6 +54,7 @@ class Turn:
     closing: list[Session] = field(default_factory=list)
     # Everyone waiting on this turn's entry: told NOT_LEADER if the entry may never be applied here.
     requesters: list[tuple[bytes, int]] = field(default_factory=list)
+    proposed_at: float = 0.0
 
     def add(self, command: LogCommand, callback: ResultCallback | None = None) -> None:
         """Append a command and what to do with its result."""
@@ -239,20 +241,25 @@ class Frontend:
                 continue
             self.node.counters["items_rejected"] += 1
         if slots:
-            self.turn.produce_waiters.append((routing_id, frame.request_id, results, slots))
+            self.turn.produce_waiters.append(
+                (routing_id, frame.request_id, results, slots, time.perf_counter())
+            )
             self.turn.requesters.append((routing_id, frame.request_id))
         else:
             self.send(routing_id, p.encode_reply(frame.request_id, {"r": results}))
 
     # ------------------------------------------------------------------ answers
 
-    def answer_produce(self, waiters: list[tuple[bytes, int, list[Any], list[int]]]) -> ResultCallback:
+    def answer_produce(self, waiters: list[tuple[bytes, int, list[Any], list[int], float]]) -> ResultCallback:
         """The callback answering a turn's producers from the PRODUCE command's outcomes."""
 
         def answer(result: CommandResult) -> None:
             assert isinstance(result, list)
             outcomes = iter(result)
-            for routing_id, rid, results, slots in waiters:
+            now = time.perf_counter()
+            latency = self.node.metrics.produce_latency
+            for routing_id, rid, results, slots, arrived in waiters:
+                latency.observe(now - arrived)
                 for position in slots:
                     outcome = next(outcomes)
                     assert isinstance(outcome, ProduceOutcome)

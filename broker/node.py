@@ -31,6 +31,7 @@ from broker.commands import (
 )
 from broker.frontend import Frontend, ResultCallback, Turn
 from broker.keys import STATE_MACHINE_CFS, Cf
+from broker.metrics import NodeMetrics
 from broker.queue_state import QueueState
 from broker.scheduler import Scheduler
 from broker.store import RocksStore
@@ -76,6 +77,7 @@ class Node:
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
         self.admin = AdminHandler(self)
+        self.metrics = NodeMetrics()
         self.counters: dict[str, int] = {
             "frames_received": 0,
             "frames_rejected": 0,
@@ -106,6 +108,7 @@ class Node:
             status=self.status,
             checkpoint=self._checkpoint,
             install=self._install_snapshot,
+            observe_fsync=self.metrics.fsync_time.observe,
         )
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -124,6 +127,8 @@ class Node:
         if self.replica.socket is not None:
             self.poller.register(self.replica.socket, zmq.POLLIN)
         self.router.bind(node.client_endpoint)
+        if node.metrics_endpoint:
+            self.metrics.serve(self, node.metrics_endpoint)
         # A group of one elects itself at its first tick: do it now, so it serves from the start.
         start = monotonic_ms()
         self.replica.tick(start)
@@ -247,6 +252,7 @@ class Node:
             return
         self.counters["entries_proposed"] += 1
         self.scheduler.proposed(index)
+        turn.proposed_at = time.perf_counter()
         self._waiting[index] = turn
         self._proposed[index] = entry
 
@@ -277,6 +283,7 @@ class Node:
                 turn = self._waiting.pop(index, None)
                 if turn is None:
                     continue
+                self.metrics.commit_latency.observe(time.perf_counter() - turn.proposed_at)
                 for result, callback in zip(entry_results, turn.callbacks, strict=True):
                     if callback is not None:
                         callback(result)

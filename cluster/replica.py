@@ -73,6 +73,7 @@ class Replica:
         status: Callable[[], dict[str, Any]],
         checkpoint: Callable[[Path], int],
         install: Callable[[Path, int], None],
+        observe_fsync: Callable[[float], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.members = members  # id -> (client_endpoint, peer_endpoint)
@@ -82,6 +83,7 @@ class Replica:
         self._status = status
         self._checkpoint = checkpoint
         self._install = install
+        self._observe_fsync = observe_fsync
         now = monotonic_ms()
         self.core = RaftCore(
             node_id,
@@ -189,7 +191,10 @@ class Replica:
         for index, _, payload in effects.append:
             self.recent_payloads[index] = payload
         if effects.persist_needed():
+            started = time.perf_counter()
             self.log.persist(effects)
+            if self._observe_fsync is not None:
+                self._observe_fsync(time.perf_counter() - started)
             effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
         if effects.install_snapshot is not None:
             self._install_snapshot(effects.install_snapshot, now_ms, effects)
