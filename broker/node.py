@@ -106,6 +106,7 @@ class Node:
             snapshot_threshold_entries=cluster.snapshot_threshold_entries if cluster else 10_000,
             work_dir=self.data_dir,
             status=self.status,
+            applied_index=self.state.applied_index,
             checkpoint=self._checkpoint,
             install=self._install_snapshot,
             observe_fsync=self.metrics.fsync_time.observe,

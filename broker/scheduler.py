@@ -26,6 +26,7 @@ from broker.protocol import LeaseRef, NackItem
 from broker.queue_state import ChannelState, QueueState, session_key
 
 PROMOTE_BATCH = 1000
+MAX_GONE_REMEMBERED = 10_000
 DEDUP_SWEEP_INTERVAL_MS = 1000
 
 
@@ -78,6 +79,8 @@ class Scheduler:
         self._pending_settled: dict[int, tuple[bytes, int]] = {}
         self._settling: dict[tuple[bytes, int], int] = {}
         self._granting: dict[tuple[bytes, int], int] = {}
+        # Sessions that closed or expired here: a lease granted to one of them just before is released.
+        self._gone: set[bytes] = set()
         self._next_dedup_sweep_ms = 0
 
     # ------------------------------------------------------------------ sessions
@@ -91,6 +94,7 @@ class Scheduler:
     def attach(self, routing_id: bytes, timeout_ms: int, now_ms: int) -> Session:
         """Open or re-attach the session of ``routing_id``."""
         key = session_key(routing_id)
+        self._gone.discard(key)
         session = self.sessions.get(key)
         if session is None:
             session = Session(key, routing_id, timeout_ms, now_ms)
@@ -128,12 +132,18 @@ class Scheduler:
     def close(self, session: Session) -> NackCmd | None:
         """End a session at its request: its leases are released for immediate redelivery."""
         self._drop(session)
+        self._remember_gone(session.session)
         refs = [ref for ref in self.state.leases_of(session.session) if ref.seq not in self._pending_settled]
         if not refs:
             return None
         command = NackCmd(tuple(NackItem(ref.seq, ref.lease_token, True, "session closed") for ref in refs))
         self.note_settle(command)
         return command
+
+    def _remember_gone(self, key: bytes) -> None:
+        if len(self._gone) >= MAX_GONE_REMEMBERED:
+            self._gone.clear()
+        self._gone.add(key)
 
     def _drop(self, session: Session) -> None:
         for subscription_id in list(session.subscriptions):
@@ -257,6 +267,7 @@ class Scheduler:
         for session in list(self.sessions.values()):
             if now_ms - session.last_seen_ms > session.timeout_ms:
                 self._drop(session)
+                self._remember_gone(session.session)
                 expired.append(session.session)
         commands: list[LogCommand] = []
         for key in expired:
@@ -265,16 +276,20 @@ class Scheduler:
                 command = ExpireCmd(tuple(refs), "session expired")
                 self.note_settle(command)
                 commands.append(command)
-        # A lease granted while its session was closing or expiring (or by a previous leader to a session
-        # this one never saw) is applied after the session is gone: it was never delivered, so it is
-        # released without counting an attempt.
-        orphans = [
-            ref
-            for key in self.state.session_leases
-            if key not in self.sessions and key not in expired
-            for ref in self.state.leases_of(key)
-            if ref.seq not in self._pending_settled
-        ]
+        # Leases applied for a session this leader does not know. If the session closed or expired here
+        # before the grant was applied, nobody received it: release it without counting an attempt.
+        # Otherwise a previous leader may have delivered it (it applied the grant before this node did):
+        # the session gets the usual grace to re-attach, as at a failover; its leases expire after that.
+        orphans: list[LeaseRef] = []
+        for key in list(self.state.session_leases):
+            if key in self.sessions or key in expired:
+                continue
+            if key in self._gone:
+                orphans.extend(
+                    ref for ref in self.state.leases_of(key) if ref.seq not in self._pending_settled
+                )
+            else:
+                self.sessions[key] = Session(key, None, self.default_session_timeout_ms, now_ms)
         if orphans:
             release = NackCmd(
                 tuple(NackItem(ref.seq, ref.lease_token, True, "session gone") for ref in orphans)

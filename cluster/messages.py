@@ -165,7 +165,16 @@ class Compacted:
     term: int
 
 
-RaftEvent = Tick | Receive | Propose | Persisted | TransferLeadership | SnapshotInstalled | Compacted
+@dataclass(frozen=True, slots=True)
+class SnapshotFailed:
+    """Streaming a snapshot to ``peer`` failed (unreachable, stalled): try again later."""
+
+    peer: str
+
+
+RaftEvent = (
+    Tick | Receive | Propose | Persisted | TransferLeadership | SnapshotInstalled | Compacted | SnapshotFailed
+)
 
 
 # --------------------------------------------------------------------------- effects

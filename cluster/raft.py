@@ -29,6 +29,7 @@ from cluster.messages import (
     RaftMessage,
     Receive,
     Role,
+    SnapshotFailed,
     SnapshotInstalled,
     SnapshotRequest,
     SnapshotResponse,
@@ -38,6 +39,9 @@ from cluster.messages import (
     VoteRequest,
     VoteResponse,
 )
+
+
+SNAPSHOT_RETRY_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,10 @@ class _Follower:
     match_index: int = 0
     inflight: int = 0
     last_sent_ms: int = -(10**12)
-    last_ack_ms: int = 0
+    # When match_index last advanced (or an outstanding send began): no progress for a while while
+    # entries are outstanding means appends or answers were lost, so the leader resends.
+    last_progress_ms: int = 0
+    next_snapshot_ms: int = 0
     last_heard_ms: int = 0
     probing: bool = False
     snapshot_in_progress: bool = False
@@ -80,6 +87,7 @@ class RaftCore:
         snapshot_term: int,
         log_terms: list[int],
         now_ms: int,
+        applied_index: int = 0,
         config: RaftConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -99,7 +107,8 @@ class RaftCore:
         self.snapshot_term = snapshot_term
         self.terms = list(log_terms)
         self.persisted_index = self.last_index
-        self.commit_index = snapshot_index
+        # Whatever the state machine applied was committed, even if the log no longer says so.
+        self.commit_index = max(snapshot_index, min(applied_index, snapshot_index + len(log_terms)))
         self.followers: dict[str, _Follower] = {}
         self.votes: set[str] = set()
         self.last_leader_contact_ms = -(10**12)
@@ -161,6 +170,11 @@ class RaftCore:
                 self._snapshot_installed(index, term)
             case Compacted(index, term):
                 self._compacted(index, term)
+            case SnapshotFailed(peer):
+                follower = self.followers.get(peer)
+                if follower is not None and follower.snapshot_in_progress:
+                    follower.snapshot_in_progress = False
+                    follower.next_snapshot_ms = now_ms + SNAPSHOT_RETRY_MS
         effects = self._effects
         effects.commit_index = self.commit_index
         self._effects = Effects()
@@ -219,11 +233,12 @@ class RaftCore:
                 and now_ms - follower.snapshot_started_ms >= config.snapshot_timeout_ms
             ):
                 follower.snapshot_in_progress = False  # the transfer failed somewhere: start over
-            if follower.inflight and now_ms - follower.last_ack_ms >= config.retransmit_after_ms:
+            outstanding = follower.next_index > follower.match_index + 1
+            if outstanding and now_ms - follower.last_progress_ms >= config.retransmit_after_ms:
                 # Appends (or their answers) were lost: go back to what the follower confirmed.
                 follower.inflight = 0
                 follower.next_index = follower.match_index + 1
-                follower.last_ack_ms = now_ms
+                follower.last_progress_ms = now_ms
             self._replicate(peer, follower, now_ms)
             if now_ms - follower.last_sent_ms >= config.heartbeat_interval_ms:
                 self._send_heartbeat(peer, follower, now_ms)
@@ -268,7 +283,7 @@ class RaftCore:
         self._effects.role_changed = True
         self._leader_since_ms = now_ms
         self.followers = {
-            peer: _Follower(next_index=self.last_index + 1, last_ack_ms=now_ms, last_heard_ms=now_ms)
+            peer: _Follower(next_index=self.last_index + 1, last_progress_ms=now_ms, last_heard_ms=now_ms)
             for peer in self.peers
         }
         # A new leader commits an entry of its own term; that commits everything before it too.
@@ -366,7 +381,7 @@ class RaftCore:
                     follower.match_index = max(follower.match_index, message.match_index)
                     follower.next_index = follower.match_index + 1
                     follower.inflight = 0
-                    follower.last_ack_ms = now_ms
+                    follower.last_progress_ms = now_ms
                     self._advance_commit()
                     self._replicate(sender, follower, now_ms)
 
@@ -429,14 +444,17 @@ class RaftCore:
     def _on_append_response(
         self, sender: str, follower: _Follower, response: AppendResponse, now_ms: int
     ) -> None:
-        follower.last_ack_ms = now_ms
         if response.success:
             follower.probing = False
-            follower.inflight = max(0, follower.inflight - 1)
             if response.match_index > follower.match_index:
+                # Only an answer that moves the match frees a slot: heartbeats and duplicates do not.
                 follower.match_index = response.match_index
+                follower.inflight = max(0, follower.inflight - 1)
+                follower.last_progress_ms = now_ms
                 self._advance_commit()
             follower.next_index = max(follower.next_index, follower.match_index + 1)
+            if follower.next_index == follower.match_index + 1:
+                follower.inflight = 0  # everything sent is confirmed
             if self.transfer_target == sender and follower.match_index == self.last_index:
                 self._send(sender, TimeoutNow(self.term, self.node_id))
         else:
@@ -444,9 +462,15 @@ class RaftCore:
             follower.next_index = max(follower.match_index + 1, min(response.hint_index, self.last_index + 1))
             follower.inflight = 0
             follower.probing = True
+            follower.last_progress_ms = now_ms
         self._replicate(sender, follower, now_ms)
 
     def _on_snapshot(self, request: SnapshotRequest) -> None:
+        if self.term_at(request.index) == request.snapshot_term:
+            # Our log already holds the snapshot's last entry, hence everything before it: installing
+            # would throw away entries after it that we may have acknowledged. Keep the log.
+            self._send(request.leader, SnapshotResponse(self.term, request.index))
+            return
         if request.index <= self.commit_index:
             self._send(request.leader, SnapshotResponse(self.term, self.commit_index))
             return
@@ -495,10 +519,13 @@ class RaftCore:
             prev_index = follower.next_index - 1
             prev_term = self.term_at(prev_index)
             if prev_term is None:
-                follower.snapshot_in_progress = True
-                follower.snapshot_started_ms = now_ms
-                self._effects.send_snapshot.append(peer)
+                if now_ms >= follower.next_snapshot_ms:
+                    follower.snapshot_in_progress = True
+                    follower.snapshot_started_ms = now_ms
+                    self._effects.send_snapshot.append(peer)
                 return
+            if follower.next_index == follower.match_index + 1:
+                follower.last_progress_ms = now_ms  # the first send after a quiet spell starts the clock
             last = min(self.last_index, prev_index + config.max_entries_per_append)
             start = prev_index - self.snapshot_index
             terms = tuple(self.terms[start : start + (last - prev_index)])

@@ -36,6 +36,7 @@ from cluster.messages import (
     RaftEvent,
     Receive,
     Role,
+    SnapshotFailed,
     SnapshotInstalled,
     SnapshotRequest,
     Tick,
@@ -71,6 +72,7 @@ class Replica:
         snapshot_threshold_entries: int,
         work_dir: Path,
         status: Callable[[], dict[str, Any]],
+        applied_index: int,
         checkpoint: Callable[[Path], int],
         install: Callable[[Path, int], None],
         observe_fsync: Callable[[float], None] | None = None,
@@ -93,6 +95,7 @@ class Replica:
             snapshot_term=log_store.snapshot_term,
             log_terms=log_store.terms(),
             now_ms=now,
+            applied_index=applied_index,
             config=config,
             rng=random.Random(f"{node_id}-{os.getpid()}-{time.time_ns()}"),
         )
@@ -261,12 +264,19 @@ class Replica:
         info = self._status()
         for peer, outgoing in list(self._outgoing.items()):
             if not self.is_leader or outgoing.term != self.core.term or outgoing.stalled():
-                self._drop_outgoing(peer)
+                self._fail_outgoing(peer)
                 continue
             for frame in outgoing.next_frames():
-                self.transport.send(peer, PeerKind.SNAPSHOT_CHUNK, frame, info)
-            if outgoing.manifest_sent:
-                self._drop_outgoing(peer)  # the follower's answer arrives as a SnapshotResponse
+                if not self.transport.send(peer, PeerKind.SNAPSHOT_CHUNK, frame, info):
+                    self._fail_outgoing(peer)  # unreachable: the core retries in a while
+                    break
+            else:
+                if outgoing.manifest_sent:
+                    self._drop_outgoing(peer)  # the follower's answer arrives as a SnapshotResponse
+
+    def _fail_outgoing(self, peer: str) -> None:
+        self._drop_outgoing(peer)
+        self._step(SnapshotFailed(peer), monotonic_ms())
 
     def _drop_outgoing(self, peer: str) -> None:
         outgoing = self._outgoing.pop(peer)
