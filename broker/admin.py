@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import bson
+from pydantic import ValidationError
 
 from broker import keys as k
 from broker.commands import PurgeCmd, PurgeDeadCmd, RequeueDeadCmd
@@ -12,6 +13,7 @@ from broker.keys import Cf
 from broker.protocol import ErrorCode, channel_name_problem
 from broker.queue_state import ChannelState, CommandResult
 from cluster.replica import monotonic_ms
+from config import ClusterMember
 
 if TYPE_CHECKING:
     from broker.node import Node
@@ -184,7 +186,9 @@ class AdminHandler:
                 statuses[peer] = reported
         highest_commit = max(int(reported.get("commit", 0)) for reported in statuses.values())
         nodes = []
-        for member_id, (client_endpoint, peer_endpoint) in sorted(replica.members.items()):
+        for member_id, (client_endpoint, peer_endpoint) in sorted(
+            replica.members.items()
+        ):  # current membership
             known = statuses.get(member_id)
             info: dict[str, Any] = known or {}
             applied = int(info.get("applied", 0))
@@ -219,6 +223,45 @@ class AdminHandler:
         for store in stores:
             store.compact_all()
         return {"disk_bytes_before": before, "disk_bytes_after": sum(store.disk_bytes() for store in stores)}
+
+    def _membership_change_allowed(self) -> None:
+        core = self.node.replica.core
+        if core.membership_pending():
+            raise AdminError(
+                ErrorCode.UNAVAILABLE, "another membership change is still being committed; try again shortly"
+            )
+
+    def op_node_add(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+        """Add a member (started beforehand with a config listing it); answered once the change applies."""
+        node_id, client_endpoint, peer_endpoint = (
+            args.get(key) for key in ("id", "client_endpoint", "peer_endpoint")
+        )
+        try:
+            ClusterMember.model_validate(
+                {"id": node_id, "client_endpoint": client_endpoint, "peer_endpoint": peer_endpoint}
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, f"invalid member: {problems}") from None
+        assert (
+            isinstance(node_id, str) and isinstance(client_endpoint, str) and isinstance(peer_endpoint, str)
+        )
+        members = self.node.replica.members
+        if node_id in members:
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, f"{node_id!r} is already a member")
+        self._membership_change_allowed()
+        self.node.change_membership({**members, node_id: (client_endpoint, peer_endpoint)}, routing_id, rid)
+
+    def op_node_remove(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+        """Remove a member; answered once the change applies (a removed leader then steps down)."""
+        node_id = args.get("id")
+        members = self.node.replica.members
+        if not isinstance(node_id, str) or node_id not in members:
+            raise AdminError(ErrorCode.NOT_FOUND, f"{node_id!r} is not a member; members: {sorted(members)}")
+        if len(members) == 1:
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, "cannot remove the last member")
+        self._membership_change_allowed()
+        self.node.change_membership({m: e for m, e in members.items() if m != node_id}, routing_id, rid)
 
     def op_leader_transfer(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         """Hand leadership to the member named ``node`` (it must be caught up within an election timeout)."""

@@ -38,10 +38,12 @@ queue_app = typer.Typer(no_args_is_help=True, help="Inspect and manage one queue
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters of a queue.")
 leader_app = typer.Typer(no_args_is_help=True, help="Leadership of the cluster.")
 config_app = typer.Typer(no_args_is_help=True, help="Node configuration files.")
+node_app = typer.Typer(no_args_is_help=True, help="Cluster membership: add or remove one node at a time.")
 app.add_typer(queue_app, name="queue")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(leader_app, name="leader")
 app.add_typer(config_app, name="config")
+app.add_typer(node_app, name="node")
 
 EndpointOption = Annotated[
     str,
@@ -163,9 +165,15 @@ def dev(
 
 
 @app.command()
-def status(endpoint: EndpointOption = "", as_json: JsonOption = False) -> None:
-    """Nodes of the cluster with their roles, terms and progress."""
-    result = _run_admin(endpoint, lambda admin: admin.cluster_status())
+def status(
+    endpoint: EndpointOption = "",
+    as_json: JsonOption = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="The answering node's own view, not the leader's.")
+    ] = False,
+) -> None:
+    """Nodes of the cluster with their roles, terms and progress (as the leader sees them)."""
+    result = _run_admin(endpoint, lambda admin: admin.cluster_status(local=local))
     if as_json:
         _print(result, True)
         return
@@ -244,6 +252,30 @@ def leader_transfer(node: str, endpoint: EndpointOption = "") -> None:
     """Hand leadership to NODE (it takes over within an election timeout)."""
     result = _run_admin(endpoint, lambda admin: admin.transfer_leadership(node))
     typer.echo(f"leadership is moving to {result}")
+
+
+@node_app.command("add")
+def node_add(
+    node_id: Annotated[str, typer.Argument(metavar="ID")],
+    client_endpoint: Annotated[str, typer.Option("--client", help="The new node's client endpoint.")],
+    peer_endpoint: Annotated[str, typer.Option("--peer", help="The new node's peer endpoint.")],
+    endpoint: EndpointOption = "",
+) -> None:
+    """Add a node to the cluster (start it first, with a [cluster] section listing it)."""
+    members = _run_admin(endpoint, lambda admin: admin.add_node(node_id, client_endpoint, peer_endpoint))
+    typer.echo(f"members: {', '.join(members)}")
+
+
+@node_app.command("remove")
+def node_remove(
+    node_id: Annotated[str, typer.Argument(metavar="ID")],
+    endpoint: EndpointOption = "",
+    yes: YesOption = False,
+) -> None:
+    """Remove a node from the cluster (it can be stopped once the change is applied)."""
+    _confirm_or_exit(f"Remove {node_id!r} from the cluster?", yes)
+    members = _run_admin(endpoint, lambda admin: admin.remove_node(node_id))
+    typer.echo(f"members: {', '.join(members)}")
 
 
 @config_app.command("check")

@@ -30,6 +30,7 @@ class Op(IntEnum):
     EXPIRE_DEDUP = 9
     PURGE_DEAD = 10
     NOOP = 11
+    MEMBERSHIP = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,13 @@ class NoopCmd:
     """Changes nothing; a new leader commits one to learn what is committed."""
 
 
+@dataclass(frozen=True, slots=True)
+class MembershipCmd:
+    """Record the cluster's membership (from a membership entry) in the state machine."""
+
+    members: tuple[tuple[str, str, str], ...]
+
+
 LogCommand = (
     ProduceCmd
     | LeaseCmd
@@ -126,6 +134,7 @@ LogCommand = (
     | PurgeDeadCmd
     | ExpireDedupCmd
     | NoopCmd
+    | MembershipCmd
 )
 
 
@@ -167,6 +176,8 @@ def _encode_command(command: LogCommand) -> list[Any]:
             return [Op.EXPIRE_DEDUP, until_ms]
         case NoopCmd():
             return [Op.NOOP]
+        case MembershipCmd(members):
+            return [Op.MEMBERSHIP, [list(member) for member in members]]
     raise TypeError(f"not a log command: {command!r}")
 
 
@@ -194,6 +205,8 @@ def _decode_command(row: list[Any]) -> LogCommand:
             return ExpireDedupCmd(row[1])
         case Op.NOOP:
             return NoopCmd()
+        case Op.MEMBERSHIP:
+            return MembershipCmd(tuple((str(a), str(b), str(c)) for a, b, c in row[1]))
 
 
 def encode_entry(entry: LogEntry) -> bytes:

@@ -112,8 +112,12 @@ class Frontend:
         shows that node's view; their other requests are redirected like everyone's."""
         match frame:
             case p.Admin(rid, op, args) if op in LOCAL_ADMIN_OPS:
-                self.node.admin.handle(routing_id, rid, op, args)
-                return
+                # The cluster's status is the leader's view (it hears from every member) unless this
+                # node's own view is asked for, or there is no leader to ask.
+                wants_leader = op == "cluster_status" and not args.get("local")
+                if not (wants_leader and self.node.replica.leader_client_endpoint()):
+                    self.node.admin.handle(routing_id, rid, op, args)
+                    return
             case p.Hello(admin=True):
                 if len(self._admin_ids) >= MAX_ADMIN_CONNECTIONS:
                     self._admin_ids.clear()

@@ -24,6 +24,7 @@ from broker.commands import (
     LeaseCmd,
     LogCommand,
     LogEntry,
+    MembershipCmd,
     NackCmd,
     ProduceCmd,
     decode_entry,
@@ -36,6 +37,7 @@ from broker.queue_state import QueueState
 from broker.scheduler import Scheduler
 from broker.store import RocksStore
 from cluster.log import LogStore
+from cluster.membership import Members, decode_membership
 from cluster.raft import RaftConfig
 from cluster.replica import Replica, monotonic_ms
 from cluster.snapshot import install_state_dir, recover_state_dir
@@ -48,6 +50,17 @@ LOG_MEMTABLE_BYTES = 32 << 20
 STATE_MEMTABLE_BYTES = 96 << 20
 CLUSTER_POLL_MS = 20
 IDLE_POLL_MS = 100
+
+
+def _decode(payload: bytes) -> LogEntry:
+    """A log payload as a queue entry: empty = a new leader's no-op; membership entries are recorded."""
+    if not payload:
+        return LogEntry(0, ())
+    members = decode_membership(payload)
+    if members is not None:
+        rows = tuple((member_id, client, peer) for member_id, (client, peer) in sorted(members.items()))
+        return LogEntry(0, (MembershipCmd(rows),))
+    return decode_entry(payload)
 
 
 def wall_ms() -> int:
@@ -88,11 +101,15 @@ class Node:
         self._stopping = False
         self._stop_deadline_ms = 0
         self._waiting: dict[int, Turn] = {}
+        self._membership_waiters: dict[int, tuple[bytes, int]] = {}
         # Entries this leader proposed, kept decoded until applied (a Raft truncation drops them).
         self._proposed: dict[int, LogEntry] = {}
         self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         cluster = settings.cluster
-        members = {member.id: (member.client_endpoint, member.peer_endpoint) for member in settings.members()}
+        # The membership: the configuration file's, unless membership changes were applied since.
+        members = self.state.members or {
+            member.id: (member.client_endpoint, member.peer_endpoint) for member in settings.members()
+        }
         self.replica = Replica(
             node_id=self.node_id,
             members=members,
@@ -110,6 +127,7 @@ class Node:
             checkpoint=self._checkpoint,
             install=self._install_snapshot,
             observe_fsync=self.metrics.fsync_time.observe,
+            listen_for_peers=cluster is not None,
         )
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -281,6 +299,9 @@ class Node:
             self.counters["entries_applied"] += len(entries)
             for (index, _), entry_results in zip(entries, results, strict=True):
                 self.scheduler.applied(index)
+                waiter = self._membership_waiters.pop(index, None)
+                if waiter is not None:
+                    self.send_reply(*waiter, {"members": sorted(self.replica.core.members)})
                 turn = self._waiting.pop(index, None)
                 if turn is None:
                     continue
@@ -302,7 +323,7 @@ class Node:
         for index, payload in rows:
             entry = self._proposed.pop(index, None)
             if entry is None:
-                entry = decode_entry(payload) if payload else LogEntry(0, ())
+                entry = _decode(payload)
             entries.append((index, entry))
         self.replica.forget_recent(end - 1)
         return entries
@@ -325,6 +346,9 @@ class Node:
         for turn in self._waiting.values():
             self._refuse(turn)
         self._waiting.clear()
+        for routing_id, rid in self._membership_waiters.values():
+            self.frontend.not_leader(routing_id, rid)
+        self._membership_waiters.clear()
         self._proposed.clear()
         self.scheduler.reset_sessions()
 
@@ -335,7 +359,7 @@ class Node:
         self.store.checkpoint(directory)
         return self.state.applied_index
 
-    def _install_snapshot(self, staged: Path, index: int) -> None:
+    def _install_snapshot(self, staged: Path, index: int) -> Members | None:
         """Replace the state machine with a snapshot received from the leader."""
         self.store.close()
         install_state_dir(self.state_dir, staged)
@@ -344,6 +368,15 @@ class Node:
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
         if self.state.applied_index != index:
             log.warning("installed snapshot covers %d, expected %d", self.state.applied_index, index)
+        return self.state.members
+
+    def change_membership(self, members: Members, routing_id: bytes, rid: int) -> None:
+        """Propose a membership with one node added or removed; the answer comes once it is applied."""
+        index = self.replica.propose_membership(members, monotonic_ms())
+        if index is None:
+            self.frontend.not_leader(routing_id, rid)
+            return
+        self._membership_waiters[index] = (routing_id, rid)
 
     def compact_now(self) -> None:
         """Drop every applied log entry (the admin ``compact``)."""

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import bson
+
 from broker import keys as k
 from broker.commands import (
     AckCmd,
@@ -26,6 +28,7 @@ from broker.commands import (
     LeaseCmd,
     LogCommand,
     LogEntry,
+    MembershipCmd,
     NackCmd,
     NoopCmd,
     ProduceCmd,
@@ -40,6 +43,7 @@ from broker.ready_head import ReadyHead
 from broker.store import Batch, Store
 
 _META_KEY = b"meta"
+_MEMBERS_KEY = b"members"
 # applied_index, next_seq, next_token, next_chan_id, pid_bucket, last_time_ms, and how many commands of
 # entry applied_index + 1 are applied already (a bulk command writes mid-entry; a crash may follow).
 _META = struct.Struct(">QQQIQQI")
@@ -195,6 +199,8 @@ class QueueState:
         self.pid_bucket = 0
         self.last_time_ms = 0
         self.partial_commands = 0
+        # The cluster membership as of the applied index (None until a membership entry is applied).
+        self.members: dict[str, tuple[str, str]] | None = None
         self.channels: dict[str, ChannelState] = {}
         self.channels_by_id: dict[int, ChannelState] = {}
         self.leases: dict[int, Lease] = {}
@@ -219,6 +225,9 @@ class QueueState:
                 self.last_time_ms,
                 self.partial_commands,
             ) = _META.unpack(meta)
+        members = self.store.get(Cf.STATE, _MEMBERS_KEY)
+        if members is not None:
+            self.members = {str(a): (str(b), str(c)) for a, b, c in bson.decode(members)["members"]}
         for name, value in self.store.scan(Cf.CHANNELS, b"", k.END):
             channel = ChannelState.unpack(name.decode(), value)
             self.channels[channel.name] = channel
@@ -321,6 +330,10 @@ class QueueState:
             case ExpireDedupCmd(until_ms):
                 return self._bulk(self._expire_dedup, until_ms)
             case NoopCmd():
+                return None
+            case MembershipCmd(members):
+                self._batch.put(Cf.STATE, _MEMBERS_KEY, bson.encode({"members": [list(m) for m in members]}))
+                self.members = {member_id: (client, peer) for member_id, client, peer in members}
                 return None
 
     def _bulk(self, change: Callable[..., int], *args: Any) -> int:

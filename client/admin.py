@@ -146,9 +146,10 @@ class BrokerAdmin:
         """The answering node's id, pid and role."""
         return await self._call("ping")
 
-    async def cluster_status(self) -> ClusterStatus:
-        """Nodes, roles, terms, commit and applied indexes, lag, pids and the leader."""
-        result = await self._call("cluster_status")
+    async def cluster_status(self, *, local: bool = False) -> ClusterStatus:
+        """Nodes, roles, terms, commit and applied indexes, lag, pids and the leader (the leader's view;
+        with ``local``, the view of the node this admin is connected to)."""
+        result = await self._call("cluster_status", local=local)
         nodes = tuple(
             NodeStatus(**{f.name: row[f.name] for f in fields(NodeStatus)}) for row in result["nodes"]
         )
@@ -216,6 +217,18 @@ class BrokerAdmin:
         """Ask the leader to hand leadership to ``node_id``; returns the node it moves to."""
         result = await self._call("leader_transfer", node=node_id)
         return str(result.get("transferring_to") or result.get("leader"))
+
+    async def add_node(self, node_id: str, client_endpoint: str, peer_endpoint: str) -> list[str]:
+        """Add a member to the cluster (start it first); returns the new member list."""
+        result = await self._call(
+            "node_add", id=node_id, client_endpoint=client_endpoint, peer_endpoint=peer_endpoint
+        )
+        return [str(member) for member in result["members"]]
+
+    async def remove_node(self, node_id: str) -> list[str]:
+        """Remove a member from the cluster; returns the new member list."""
+        result = await self._call("node_remove", id=node_id)
+        return [str(member) for member in result["members"]]
 
     async def purge_dead(self, name: str) -> int:
         """Delete every dead letter of a queue; returns how many."""

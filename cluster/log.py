@@ -11,10 +11,12 @@ import struct
 
 from broker.keys import END, U64, Cf
 from broker.store import Store
+from cluster.membership import MAGIC
 from cluster.messages import Effects, HardState
 
 _SNAPSHOT_KEY = b"snapshot"
 _HARD_STATE_KEY = b"hard_state"
+_CONFIG_PREFIX = b"cfg"  # + index: membership entries still in the log, so start-up need not scan it
 _PAIR = struct.Struct(">QQ")
 
 
@@ -59,12 +61,26 @@ class LogStore:
             batch.put(Cf.RAFT, _HARD_STATE_KEY, U64.pack(hard.term) + (hard.voted_for or "").encode())
         if effects.truncate_from is not None:
             batch.delete_range(Cf.LOG, U64.pack(effects.truncate_from), END)
+            batch.delete_range(
+                Cf.RAFT, _CONFIG_PREFIX + U64.pack(effects.truncate_from), _CONFIG_PREFIX + END
+            )
             self.last_index = min(self.last_index, effects.truncate_from - 1)
         for index, term, payload in effects.append:
             batch.put(Cf.LOG, U64.pack(index), U64.pack(term) + payload)
+            if payload.startswith(MAGIC):
+                batch.put(Cf.RAFT, _CONFIG_PREFIX + U64.pack(index), payload)
             self.bytes_since_compaction += len(payload)
             self.last_index = max(self.last_index, index)
         self.store.write(batch, sync=True)
+
+    def configs(self) -> list[tuple[int, bytes]]:
+        """Membership entries after the snapshot, as (index, payload), oldest first."""
+        start = _CONFIG_PREFIX + U64.pack(self.snapshot_index + 1)
+        return [
+            (int(U64.unpack(key[len(_CONFIG_PREFIX) :])[0]), value)
+            for key, value in self.store.scan(Cf.RAFT, start, _CONFIG_PREFIX + END)
+            if int(U64.unpack(key[len(_CONFIG_PREFIX) :])[0]) <= self.last_index
+        ]
 
     def payloads(self, start: int, count: int) -> tuple[bytes, ...]:
         """Payloads of entries start .. start+count-1 (which must exist)."""
@@ -86,6 +102,7 @@ class LogStore:
             return
         batch = self.store.batch()
         batch.delete_range(Cf.LOG, U64.pack(0), U64.pack(through_index + 1))
+        batch.delete_range(Cf.RAFT, _CONFIG_PREFIX, _CONFIG_PREFIX + U64.pack(through_index + 1))
         batch.put(Cf.RAFT, _SNAPSHOT_KEY, _PAIR.pack(through_index, term))
         self.store.write(batch, sync=True)
         self.snapshot_index, self.snapshot_term = through_index, term
@@ -96,6 +113,7 @@ class LogStore:
         """Forget every entry: an installed snapshot now covers up to ``snapshot_index``."""
         batch = self.store.batch()
         batch.delete_range(Cf.LOG, U64.pack(0), END)
+        batch.delete_range(Cf.RAFT, _CONFIG_PREFIX, _CONFIG_PREFIX + END)
         batch.put(Cf.RAFT, _SNAPSHOT_KEY, _PAIR.pack(snapshot_index, snapshot_term))
         self.store.write(batch, sync=True)
         self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term

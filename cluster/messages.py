@@ -155,6 +155,7 @@ class SnapshotInstalled:
 
     index: int
     term: int
+    members: tuple[str, ...] = ()  # the membership the snapshot carries (empty: unchanged)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +194,7 @@ class Effects:
     commit_index: int = 0
     proposed_index: int | None = None
     role_changed: bool = False
+    members_changed: bool = False
 
     def merge(self, later: Effects) -> None:
         """Fold the effects of a later step into these (a loop turn gathers many steps)."""
@@ -214,6 +216,7 @@ class Effects:
         if later.proposed_index is not None:
             self.proposed_index = later.proposed_index
         self.role_changed = self.role_changed or later.role_changed
+        self.members_changed = self.members_changed or later.members_changed
 
     def persist_needed(self) -> bool:
         """True when the local log or hard state must be written (and synced) before sending."""

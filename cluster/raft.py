@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from cluster.membership import member_ids
 from cluster.messages import (
     AppendRequest,
     AppendResponse,
@@ -39,7 +40,6 @@ from cluster.messages import (
     VoteRequest,
     VoteResponse,
 )
-
 
 SNAPSHOT_RETRY_MS = 1000
 
@@ -88,14 +88,17 @@ class RaftCore:
         log_terms: list[int],
         now_ms: int,
         applied_index: int = 0,
+        log_configs: tuple[tuple[int, tuple[str, ...]], ...] = (),
         config: RaftConfig | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if node_id not in members:
-            raise ValueError(f"node {node_id!r} is not one of the members {members}")
         self.node_id = node_id
-        self.members = tuple(members)
-        self.peers = tuple(member for member in members if member != node_id)
+        # Membership: the latest configuration entry in the log wins, committed or not; below the log
+        # (compacted, or from a snapshot) the base membership holds.
+        self.base_members = tuple(sorted(members))
+        self.configs: list[tuple[int, tuple[str, ...]]] = list(log_configs)
+        self.members: tuple[str, ...] = ()
+        self.peers: tuple[str, ...] = ()
         self.config = config or RaftConfig()
         self.rng = rng or random.Random()
         self.term = hard_state.term
@@ -119,9 +122,52 @@ class RaftCore:
         self._installing: int | None = None
         self._election_deadline_ms = 0
         self._effects = Effects()
+        self._use_latest_membership()
         self._reset_election_timer(now_ms)
         if not self.peers:
             self._election_deadline_ms = now_ms  # a group of one elects itself at the first tick
+
+    # ------------------------------------------------------------------ membership
+
+    def _use_latest_membership(self, now_ms: int = 0) -> None:
+        members = self.configs[-1][1] if self.configs else self.base_members
+        if members == self.members:
+            return
+        self.members = members
+        self.peers = tuple(member for member in members if member != self.node_id)
+        self._effects.members_changed = True
+        if self.role is Role.LEADER:
+            for gone in [peer for peer in self.followers if peer not in self.peers]:
+                del self.followers[gone]
+            for peer in self.peers:
+                if peer not in self.followers:
+                    self.followers[peer] = _Follower(
+                        next_index=self.last_index + 1, last_progress_ms=now_ms, last_heard_ms=now_ms
+                    )
+
+    def _note_configs(self, entries: list[tuple[int, int, bytes]], now_ms: int) -> None:
+        found = False
+        for index, _, payload in entries:
+            ids = member_ids(payload)
+            if ids is not None:
+                self.configs.append((index, ids))
+                found = True
+        if found:
+            self._use_latest_membership(now_ms)
+
+    def _forget_configs_from(self, index: int, now_ms: int) -> None:
+        if self.configs and self.configs[-1][0] >= index:
+            self.configs = [config for config in self.configs if config[0] < index]
+            self._use_latest_membership(now_ms)
+
+    def membership_pending(self) -> bool:
+        """True while the latest membership change is not committed (no new change may start)."""
+        return bool(self.configs) and self.configs[-1][0] > self.commit_index
+
+    @property
+    def is_member(self) -> bool:
+        """False for a node being added (not yet in any membership it knows) or one removed."""
+        return self.node_id in self.members
 
     # ------------------------------------------------------------------ log view
 
@@ -166,8 +212,12 @@ class RaftCore:
                     self._advance_commit()
             case TransferLeadership(target):
                 self._transfer(target, now_ms)
-            case SnapshotInstalled(index, term):
+            case SnapshotInstalled(index, term, members):
                 self._snapshot_installed(index, term)
+                if members:
+                    self.base_members = tuple(sorted(members))
+                self.configs = []
+                self._use_latest_membership(now_ms)
             case Compacted(index, term):
                 self._compacted(index, term)
             case SnapshotFailed(peer):
@@ -213,7 +263,7 @@ class RaftCore:
     def _tick(self, now_ms: int) -> None:
         if self.role is Role.LEADER:
             self._leader_tick(now_ms)
-        elif now_ms >= self._election_deadline_ms:
+        elif now_ms >= self._election_deadline_ms and self.is_member:
             self._start_pre_vote(now_ms)
 
     def _leader_tick(self, now_ms: int) -> None:
@@ -426,15 +476,16 @@ class RaftCore:
                 if index <= self.commit_index:
                     raise AssertionError(f"leader {sender} conflicts with committed entry {index}")
                 del self.terms[index - self.snapshot_index - 1 :]
+                self._forget_configs_from(index, self.last_leader_contact_ms)
                 self._effects.truncate_from = (
                     index if self._effects.truncate_from is None else min(index, self._effects.truncate_from)
                 )
                 self._effects.append = [entry for entry in self._effects.append if entry[0] < index]
                 self.persisted_index = min(self.persisted_index, index - 1)
             self.terms.extend(terms[offset:])
-            self._effects.append.extend(
-                (prev_index + 1 + i, terms[i], payloads[i]) for i in range(offset, len(terms))
-            )
+            appended = [(prev_index + 1 + i, terms[i], payloads[i]) for i in range(offset, len(terms))]
+            self._effects.append.extend(appended)
+            self._note_configs(appended, self.last_leader_contact_ms)
             break
         match_index = prev_index + len(terms)
         if request.commit_index > self.commit_index:
@@ -495,6 +546,10 @@ class RaftCore:
             )
         del self.terms[: index - self.snapshot_index]
         self.snapshot_index, self.snapshot_term = index, term
+        folded = [config for config in self.configs if config[0] <= index]
+        if folded:
+            self.base_members = folded[-1][1]
+            self.configs = [config for config in self.configs if config[0] > index]
 
     # ------------------------------------------------------------------ replication (leader)
 
@@ -504,6 +559,7 @@ class RaftCore:
         self.terms.append(self.term)
         index = self.last_index
         self._effects.append.append((index, self.term, payload))
+        self._note_configs([(index, self.term, payload)], now_ms)
         for peer, follower in self.followers.items():
             self._replicate(peer, follower, now_ms)
         if not self.peers:
@@ -552,6 +608,9 @@ class RaftCore:
         candidate = matches[self.quorum - 1]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
             self.commit_index = candidate
+            if not self.is_member and not self.membership_pending():
+                # Our removal is committed: hand over by going quiet (the others elect a leader).
+                self._become_follower(self.term, None, self._leader_since_ms)
 
     def _transfer(self, target: str, now_ms: int) -> None:
         if self.role is not Role.LEADER or target == self.node_id or target not in self.followers:

@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from cluster.log import LogStore
+from cluster.membership import Members, decode_membership, encode_membership
 from cluster.messages import (
     AppendRequest,
     Compacted,
@@ -74,11 +75,19 @@ class Replica:
         status: Callable[[], dict[str, Any]],
         applied_index: int,
         checkpoint: Callable[[Path], int],
-        install: Callable[[Path, int], None],
+        install: Callable[[Path, int], Members | None],
         observe_fsync: Callable[[float], None] | None = None,
+        listen_for_peers: bool = False,
     ) -> None:
         self.node_id = node_id
-        self.members = members  # id -> (client_endpoint, peer_endpoint)
+        # Endpoints of every member ever known (the membership itself is the core's).
+        self.endpoints: Members = dict(members)
+        log_configs = []
+        for index, payload in log_store.configs():
+            announced = decode_membership(payload)
+            if announced is not None:
+                self.endpoints.update(announced)
+                log_configs.append((index, tuple(sorted(announced))))
         self.log = log_store
         self.snapshot_threshold_entries = snapshot_threshold_entries
         self.work_dir = work_dir
@@ -96,11 +105,15 @@ class Replica:
             log_terms=log_store.terms(),
             now_ms=now,
             applied_index=applied_index,
+            log_configs=tuple(log_configs),
             config=config,
             rng=random.Random(f"{node_id}-{os.getpid()}-{time.time_ns()}"),
         )
-        peers = {peer: endpoints[1] for peer, endpoints in members.items() if peer != node_id}
-        self.transport = PeerTransport(context, node_id, peer_bind, peers) if peers else None
+        self.transport = (
+            PeerTransport(context, node_id, peer_bind, self._peer_endpoints())
+            if listen_for_peers or self.core.peers
+            else None
+        )
         self.peer_status: dict[str, tuple[dict[str, Any], int]] = {}
         self._pending = Effects()
         self._outgoing: dict[str, OutgoingSnapshot] = {}
@@ -114,6 +127,30 @@ class Replica:
             "snapshots_sent": 0,
             "snapshots_installed": 0,
         }
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def members(self) -> Members:
+        """The current membership with every member's endpoints."""
+        return {member: self.endpoints[member] for member in self.core.members if member in self.endpoints}
+
+    def _peer_endpoints(self) -> dict[str, str]:
+        return {peer: self.endpoints[peer][1] for peer in self.core.peers if peer in self.endpoints}
+
+    def _learn_members(self, effects: Effects) -> None:
+        """Note the endpoints of members announced by this turn's entries; reconnect if membership changed."""
+        for _, _, payload in effects.append:
+            announced = decode_membership(payload)
+            if announced is not None:
+                self.endpoints.update(announced)
+        if effects.members_changed and self.transport is not None:
+            self.transport.set_peers(self._peer_endpoints())
+            log.info("members now: %s", ", ".join(self.core.members))
+
+    def propose_membership(self, members: Members, now_ms: int) -> int | None:
+        """Propose a new membership (one node added or removed); None when not leader."""
+        return self.propose(encode_membership(members), now_ms)
 
     # ------------------------------------------------------------------ questions
 
@@ -130,7 +167,7 @@ class Replica:
     def leader_client_endpoint(self) -> str:
         """Where clients should go: the leader's client endpoint, or "" when unknown."""
         leader = self.core.leader_id
-        return self.members[leader][0] if leader is not None and leader in self.members else ""
+        return self.endpoints[leader][0] if leader is not None and leader in self.endpoints else ""
 
     @property
     def socket(self) -> zmq.Socket[bytes] | None:
@@ -201,6 +238,7 @@ class Replica:
             effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
         if effects.install_snapshot is not None:
             self._install_snapshot(effects.install_snapshot, now_ms, effects)
+        self._learn_members(effects)
         self._send_all(effects, now_ms)
         for peer in effects.send_snapshot:
             self._start_snapshot(peer)
@@ -294,10 +332,13 @@ class Replica:
         if staged is None:
             return
         log.info("installing the snapshot from %s through entry %d", request.leader, request.index)
-        self._install(staged, request.index)
+        members = self._install(staged, request.index)
         self.log.reset(request.index, request.snapshot_term)
         self.recent_payloads.clear()
-        effects.merge(self.core.step(SnapshotInstalled(request.index, request.snapshot_term), now_ms))
+        if members:
+            self.endpoints.update(members)
+        installed = SnapshotInstalled(request.index, request.snapshot_term, tuple(sorted(members or {})))
+        effects.merge(self.core.step(installed, now_ms))
         self.counters["snapshots_installed"] += 1
 
     # ------------------------------------------------------------------ compaction

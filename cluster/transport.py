@@ -131,11 +131,25 @@ class PeerTransport:
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.RCVHWM, 0)
         self.router.bind(bind_endpoint)
-        self.dealers: dict[str, zmq.Socket[bytes]] = {}
+        self._context = context
+        self.dealers: dict[str, tuple[str, zmq.Socket[bytes]]] = {}
+        self.set_peers(peer_endpoints)
+        self.dropped_frames = 0
+        self.sent_frames = 0
+
+    def set_peers(self, peer_endpoints: dict[str, str]) -> None:
+        """Connect to new peers and drop the ones no longer members (membership changes)."""
+        for peer in [peer for peer in self.dealers if peer not in peer_endpoints]:
+            self.dealers.pop(peer)[1].close(0)
         for peer, endpoint in peer_endpoints.items():
-            dealer = context.socket(zmq.DEALER)
+            known = self.dealers.get(peer)
+            if known is not None and known[0] == endpoint:
+                continue
+            if known is not None:
+                known[1].close(0)
+            dealer = self._context.socket(zmq.DEALER)
             dealer.setsockopt(zmq.LINGER, 0)
-            dealer.setsockopt(zmq.ROUTING_ID, node_id.encode())
+            dealer.setsockopt(zmq.ROUTING_ID, self.node_id.encode())
             # Queue nothing for a peer that is not connected: Raft retransmits what matters, and a stale
             # backlog delivered on reconnect would only be rejected.
             dealer.setsockopt(zmq.IMMEDIATE, 1)
@@ -145,15 +159,14 @@ class PeerTransport:
             dealer.setsockopt(zmq.HEARTBEAT_IVL, 500)
             dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
             dealer.connect(endpoint)
-            self.dealers[peer] = dealer
-        self.dropped_frames = 0
-        self.sent_frames = 0
+            self.dealers[peer] = (endpoint, dealer)
 
     def send(self, peer: str, kind: PeerKind, payload: dict[str, Any], info: dict[str, Any]) -> bool:
         """Send one frame to a peer; False when it could not be queued (peer unreachable or backed up)."""
-        dealer = self.dealers.get(peer)
-        if dealer is None:
+        known = self.dealers.get(peer)
+        if known is None:
             return False
+        dealer = known[1]
         payload["i"] = info
         try:
             dealer.send_multipart([_HEADERS[kind], bson.encode(payload)], zmq.NOBLOCK)
@@ -188,6 +201,6 @@ class PeerTransport:
 
     def close(self) -> None:
         """Close every socket."""
-        for dealer in self.dealers.values():
+        for _, dealer in self.dealers.values():
             dealer.close(0)
         self.router.close(0)
