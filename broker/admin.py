@@ -231,7 +231,7 @@ class AdminHandler:
                 ErrorCode.UNAVAILABLE, "another membership change is still being committed; try again shortly"
             )
 
-    def op_node_add(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+    def op_node_add(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any] | None:
         """Add a member (started beforehand with a config listing it); answered once the change applies."""
         node_id, client_endpoint, peer_endpoint = (
             args.get(key) for key in ("id", "client_endpoint", "peer_endpoint")
@@ -247,21 +247,29 @@ class AdminHandler:
             isinstance(node_id, str) and isinstance(client_endpoint, str) and isinstance(peer_endpoint, str)
         )
         members = self.node.replica.members
+        if members.get(node_id) == (client_endpoint, peer_endpoint):
+            return {"members": sorted(members)}  # already done (a retried request)
         if node_id in members:
-            raise AdminError(ErrorCode.INVALID_ARGUMENT, f"{node_id!r} is already a member")
+            raise AdminError(
+                ErrorCode.INVALID_ARGUMENT, f"{node_id!r} is already a member, with other endpoints"
+            )
         self._membership_change_allowed()
         self.node.change_membership({**members, node_id: (client_endpoint, peer_endpoint)}, routing_id, rid)
+        return None
 
-    def op_node_remove(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> None:
+    def op_node_remove(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any] | None:
         """Remove a member; answered once the change applies (a removed leader then steps down)."""
         node_id = args.get("id")
         members = self.node.replica.members
-        if not isinstance(node_id, str) or node_id not in members:
-            raise AdminError(ErrorCode.NOT_FOUND, f"{node_id!r} is not a member; members: {sorted(members)}")
+        if not isinstance(node_id, str):
+            raise AdminError(ErrorCode.INVALID_ARGUMENT, "'id' must be a node id")
+        if node_id not in members:
+            return {"members": sorted(members)}  # not a member (any more): nothing to do
         if len(members) == 1:
             raise AdminError(ErrorCode.INVALID_ARGUMENT, "cannot remove the last member")
         self._membership_change_allowed()
         self.node.change_membership({m: e for m, e in members.items() if m != node_id}, routing_id, rid)
+        return None
 
     def op_leader_transfer(self, routing_id: bytes, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         """Hand leadership to the member named ``node`` (it must be caught up within an election timeout)."""

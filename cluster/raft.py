@@ -602,9 +602,8 @@ class RaftCore:
         follower.last_sent_ms = now_ms
 
     def _advance_commit(self) -> None:
-        matches = sorted(
-            [self.persisted_index, *(f.match_index for f in self.followers.values())], reverse=True
-        )
+        own = [self.persisted_index] if self.is_member else []  # a leader being removed does not count
+        matches = sorted([*own, *(f.match_index for f in self.followers.values())], reverse=True)
         candidate = matches[self.quorum - 1]
         if candidate > self.commit_index and self.term_at(candidate) == self.term:
             self.commit_index = candidate
