@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
+import itertools
+import logging
 import random
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from broker import protocol as p
@@ -46,6 +50,8 @@ __all__ = [
     "Workload",
     "probe",
     "restore",
+    "run_chaos",
+    "transfer_leadership",
     "wait_caught_up",
     "wait_for_leader",
 ]
@@ -65,10 +71,10 @@ async def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> 
 # ---------------------------------------------------------------------------------------- node probes
 
 
-def _probe_blocking(endpoint: str, timeout_s: float) -> dict[str, Any] | None:
+def _admin_blocking(endpoint: str, op: str, args: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
     client = RawClient(endpoint)
     try:
-        answer = client.request(p.Command.ADMIN, {"op": "cluster_status", "args": {}}, timeout_s)
+        answer = client.request(p.Command.ADMIN, {"op": op, "args": args}, timeout_s)
     except TimeoutError:
         return None
     finally:
@@ -82,7 +88,7 @@ async def probe(endpoint: str, timeout_s: float = 1.0) -> dict[str, Any] | None:
     Unlike ``BrokerAdmin``, which says HELLO and so follows NOT_LEADER to the leader, a bare request
     reaches exactly this node: ``result["counters"]`` are its own, ``result["nodes"]`` its view.
     """
-    return await asyncio.to_thread(_probe_blocking, endpoint, timeout_s)
+    return await asyncio.to_thread(_admin_blocking, endpoint, "cluster_status", {"local": True}, timeout_s)
 
 
 def own_row(view: dict[str, Any], node_id: str) -> dict[str, Any]:
@@ -122,6 +128,18 @@ async def wait_for_leader(
         await asyncio.sleep(POLL_S)
 
 
+async def transfer_leadership(cluster: ClusterProcesses, to: str, timeout_s: float = 15.0) -> None:
+    """Ask the leader (admin ``leader_transfer``) to hand over to ``to`` until ``to`` leads."""
+    deadline = time.monotonic() + timeout_s
+    while (leader := await wait_for_leader(cluster, max(deadline - time.monotonic(), 0.1))) != to:
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{to} did not take over from {leader} within {timeout_s:g}s")
+        await asyncio.to_thread(
+            _admin_blocking, cluster[leader].endpoint, "leader_transfer", {"node": to}, 1.0
+        )
+        await asyncio.sleep(0.2)
+
+
 async def wait_caught_up(cluster: ClusterProcesses, timeout_s: float = 30.0) -> dict[str, int]:
     """Wait until every running member has applied what the leader had committed when this began.
 
@@ -144,16 +162,54 @@ async def wait_caught_up(cluster: ClusterProcesses, timeout_s: float = 30.0) -> 
         await asyncio.sleep(POLL_S)
 
 
-async def restore(cluster: ClusterProcesses, timeout_s: float = 40.0) -> str:
-    """Heal every link, start every stopped member, and wait for a leader and full catch-up."""
+NUDGE_CHANNEL = "workload/nudge"
+NUDGE_EVERY_S = 0.5
+
+
+async def restore(cluster: ClusterProcesses, timeout_s: float = 40.0, *, nudge: bool = True) -> str:
+    """Heal every link, start every stopped member, and wait for a leader and full catch-up.
+
+    With ``nudge`` a produce to ``NUDGE_CHANNEL`` goes out every half second meanwhile: a member that
+    missed entries while down is only brought up to date when the leader appends something new (see
+    ``test_a_follower_restarted_on_an_idle_cluster_catches_up_without_new_produces``), and the next
+    test needs every member caught up.
+    """
     if isinstance(cluster, FaultyCluster):
         await asyncio.to_thread(cluster.heal_all)
     await asyncio.to_thread(cluster.start)
-    await wait_caught_up(cluster, timeout_s)
+    if not nudge:
+        await wait_caught_up(cluster, timeout_s)
+        return await wait_for_leader(cluster, timeout_s)
+    async with BrokerQueue(cluster.endpoints, connect_timeout=timeout_s) as queue:
+        channel = queue.channel(NUDGE_CHANNEL, int)
+
+        async def keep_nudging() -> None:
+            for count in itertools.count():
+                await channel.produce(count, timeout=timeout_s)
+                await asyncio.sleep(NUDGE_EVERY_S)
+
+        nudging = asyncio.create_task(keep_nudging())
+        try:
+            await wait_caught_up(cluster, timeout_s)
+        finally:
+            nudging.cancel()
+            await asyncio.gather(nudging, return_exceptions=True)
     return await wait_for_leader(cluster, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------- the workload
+
+
+class _StaleAckCounter(logging.Handler):
+    """Counts the consumer's "ack of message ... refused" warnings (and keeps them off stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "refused" in record.getMessage():
+            self.count += 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -163,6 +219,7 @@ class Delivery:
     value: int
     message_id: str
     attempt: int
+    lease_token: int
     consumer: str
     at: float
 
@@ -188,6 +245,7 @@ class Report:
     stats: QueueStats | None
     stats_problem: str | None
     errors: Counter[str]
+    stale_acks: int = 0
 
     def summary(self) -> str:
         """The figures, one per line."""
@@ -200,14 +258,19 @@ class Report:
             f"handled (deliveries)   {self.handled}",
             f"lost                   {len(self.lost)}",
             f"enqueued twice         {len(self.enqueued_twice)}",
-            f"redelivered            {self.redelivered} (deliveries with attempt > 1: {self.later_attempts})",
-            f"max unavailability     {self.max_unavailable_s:.2f}s (ending {self.max_unavailable_at_s:.1f}s in)",
+            f"redelivered            {self.redelivered} (deliveries with attempt > 1: {self.later_attempts}; "
+            f"messages handled twice as attempt 1: {self.first_attempt_repeats})",
+            f"max unavailability     {self.max_unavailable_s:.2f}s "
+            f"(ending {self.max_unavailable_at_s:.1f}s in)",
         ]
         if stats is not None:
             lines.append(
-                f"admin stats            produced_total={stats.produced_total} acked_total={stats.acked_total} "
-                f"dead={stats.dead} ready={stats.ready} in_flight={stats.in_flight}"
+                f"admin stats            produced_total={stats.produced_total} "
+                f"acked_total={stats.acked_total} dead={stats.dead} ready={stats.ready} "
+                f"in_flight={stats.in_flight}"
             )
+        if self.stale_acks:
+            lines.append(f"acks refused as stale  {self.stale_acks}")
         if self.errors:
             lines.append(f"produce errors         {dict(self.errors)}")
         return "\n".join(lines)
@@ -263,6 +326,10 @@ class Workload:
         self.consumer_parallel = consumer_parallel
         self.session_timeout = session_timeout
         self.started_at = 0.0
+        # The longest wait for an acknowledgement: since the previous one, or since producing (re)started.
+        self.max_unavailable_s = 0.0
+        self.max_unavailable_end = 0.0
+        self._gap_anchor = 0.0
         self.attempted: set[int] = set()
         self.acknowledged: set[int] = set()
         self.uncertain: set[int] = set()
@@ -272,55 +339,70 @@ class Workload:
         self.ack_times: list[float] = []
         self.ack_nodes: list[str] = []
         self.deliveries: list[Delivery] = []
+        self.consumed_values: set[int] = set()
         self._next_value = first_value
         self._stopping = False
+        self._stop_at: int | None = None
         self._producer_queue: BrokerQueue | None = None
         self._consumer_queues: list[BrokerQueue] = []
         self._consumers: list[Any] = []
         self._producer: asyncio.Task[None] | None = None
+        self._stale_acks = _StaleAckCounter()
 
     # ------------------------------------------------------------------ running
 
     async def start(self, *, produce: bool = True) -> None:
         """Connect the producer and the consumers; start producing unless ``produce`` is False."""
         self.started_at = time.monotonic()
+        logging.getLogger("zbroker.consumer").addHandler(self._stale_acks)
         self._producer_queue = BrokerQueue(self.endpoints, connect_timeout=20)
         await self._producer_queue.connect()
-        for index in range(self.consumer_count):
+        await self.add_consumers(self.consumer_count)
+        if produce:
+            self.start_producing()
+
+    async def add_consumers(self, count: int) -> None:
+        """Start ``count`` more consumer clients, each on its own connection and session."""
+        for _ in range(count):
+            name = f"c{len(self._consumer_queues) + 1}"
             queue = BrokerQueue(
                 self.endpoints,
                 session_timeout=self.session_timeout,
                 connect_timeout=20,
-                client_name=f"workload-consumer-{index + 1}",
+                client_name=f"workload-consumer-{name}",
             )
             await queue.connect()
             self._consumer_queues.append(queue)
+            # Many attempts allowed: a lease that comes back after a failover must not dead-letter.
             channel = queue.channel(self.channel, int, max_attempts=1000, retry_backoff="50ms")
             self._consumers.append(
-                await channel.consume(self._handler(f"c{index + 1}"), max_parallel=self.consumer_parallel)
+                await channel.consume(self._handler(name), max_parallel=self.consumer_parallel)
             )
-        if produce:
-            self.start_producing()
 
     def start_producing(self) -> None:
         """Start (or restart) the producer task."""
         assert self._producer_queue is not None, "start() first"
         if self._producer is None or self._producer.done():
             self._stopping = False
+            self._gap_anchor = time.monotonic()  # a pause in producing is no unavailability
             self._producer = asyncio.create_task(self._produce_loop(), name="workload-producer")
 
     def _handler(self, name: str) -> Callable[[int, QueueMessage[int]], Any]:
         async def handle(value: int, message: QueueMessage[int]) -> None:
-            self.deliveries.append(Delivery(value, message.id, message.attempt, name, time.monotonic()))
+            self.deliveries.append(
+                Delivery(value, message.id, message.attempt, message.lease_token, name, time.monotonic())
+            )
+            self.consumed_values.add(value)
 
         return handle
 
     async def _produce_loop(self) -> None:
         assert self._producer_queue is not None
         channel = self._producer_queue.channel(self.channel, int)
-        while not self._stopping:
-            batch = range(self._next_value, self._next_value + self.in_flight)
-            self._next_value += self.in_flight
+        while not self._stopping and (self._stop_at is None or self._next_value < self._stop_at):
+            end = self._next_value + self.in_flight
+            batch = range(self._next_value, end if self._stop_at is None else min(end, self._stop_at))
+            self._next_value = batch.stop
             await asyncio.gather(*(self._produce_one(channel, value) for value in batch))
 
     async def _produce_one(self, channel: Any, value: int) -> None:
@@ -332,6 +414,9 @@ class Workload:
             self.errors[type(exc).__name__] += 1
             return
         now = time.monotonic()
+        if now - self._gap_anchor > self.max_unavailable_s:
+            self.max_unavailable_s, self.max_unavailable_end = now - self._gap_anchor, now
+        self._gap_anchor = now
         self.acknowledged.add(value)
         if result.duplicate:
             self.duplicate_answers += 1
@@ -346,11 +431,15 @@ class Workload:
             await asyncio.wait_for(self._producer, timeout_s)
 
     async def produce_count(self, count: int, timeout_s: float = 120.0) -> None:
-        """Produce ``count`` more values (a multiple of ``in_flight`` is exact) and return."""
-        self.start_producing()
-        target = len(self.attempted) + count
-        await _until(lambda: len(self.attempted) >= target, timeout_s, f"{count} produces")
-        await self.stop_producing(timeout_s)
+        """Produce exactly ``count`` more values (in batches of ``in_flight``) and return."""
+        assert self._producer is None or self._producer.done(), "the producer is already running"
+        self._stop_at = self._next_value + count
+        try:
+            self.start_producing()
+            assert self._producer is not None
+            await asyncio.wait_for(asyncio.shield(self._producer), timeout_s)
+        finally:
+            self._stop_at = None
 
     # ------------------------------------------------------------------ waiting on progress
 
@@ -385,19 +474,15 @@ class Workload:
         """Stop producing, wait until everything enqueued is consumed, close the clients, verify."""
         await self.stop_producing()
         duration_s = time.monotonic() - self.started_at
-        consumed = self._consumed_values
-        try:
+        with contextlib.suppress(TimeoutError):  # what is missing then is reported as lost
             await _until(
-                lambda: self.acknowledged <= consumed(), drain_timeout_s, "every acknowledged value consumed"
+                lambda: self.acknowledged <= self.consumed_values,
+                drain_timeout_s,
+                "every acknowledged value consumed",
             )
-        except TimeoutError:
-            pass  # reported as lost below
         stats, stats_problem = await self._settled_stats(drain_timeout_s, quiet_s)
         await self.close()
         return self._report(duration_s, stats, stats_problem)
-
-    def _consumed_values(self) -> set[int]:
-        return {delivery.value for delivery in self.deliveries}
 
     async def _settled_stats(self, timeout_s: float, quiet_s: float) -> tuple[QueueStats | None, str | None]:
         """The channel's counters once nothing is ready or in flight and no delivery came for ``quiet_s``."""
@@ -435,11 +520,7 @@ class Workload:
         for delivery in self.deliveries:
             ids_of_value[delivery.value].add(delivery.message_id)
         consumed = set(ids_of_value)
-        first_attempts = Counter(delivery.value for delivery in self.deliveries if delivery.attempt == 1)
-        gaps = [(later - earlier, later) for earlier, later in zip(self.ack_times, self.ack_times[1:])]
-        if self.ack_times:
-            gaps.append((self.ack_times[0] - self.started_at, self.ack_times[0]))
-        widest, widest_end = max(gaps, default=(0.0, self.started_at))
+        first_attempts = Counter(delivery.message_id for delivery in self.deliveries if delivery.attempt == 1)
         distinct_ids = sum(len(ids) for ids in ids_of_value.values())
         return Report(
             acknowledged=len(self.acknowledged),
@@ -453,12 +534,13 @@ class Workload:
             redelivered=len(self.deliveries) - distinct_ids,
             later_attempts=sum(1 for delivery in self.deliveries if delivery.attempt > 1),
             first_attempt_repeats=sum(1 for count in first_attempts.values() if count > 1),
-            max_unavailable_s=widest,
-            max_unavailable_at_s=widest_end - self.started_at,
+            max_unavailable_s=self.max_unavailable_s,
+            max_unavailable_at_s=max(self.max_unavailable_end - self.started_at, 0.0),
             duration_s=duration_s,
             stats=stats,
             stats_problem=stats_problem,
             errors=self.errors,
+            stale_acks=self._stale_acks.count,
         )
 
     async def close(self) -> None:
@@ -469,12 +551,11 @@ class Workload:
             await asyncio.gather(self._producer, return_exceptions=True)
         for queue in [*self._consumer_queues, self._producer_queue]:
             if queue is not None:
-                try:
+                with contextlib.suppress(BrokerError, TimeoutError):
                     await asyncio.wait_for(queue.close(), 40)
-                except (BrokerError, TimeoutError):
-                    pass
         self._consumer_queues.clear()
         self._producer_queue = None
+        logging.getLogger("zbroker.consumer").removeHandler(self._stale_acks)
 
 
 # ---------------------------------------------------------------------------------------- chaos
@@ -542,3 +623,38 @@ class Chaos:
         elif kind == "cut-one-way":
             src, dst = (leader, victim) if self.rng.random() < 0.5 else (victim, leader)
             await asyncio.to_thread(cluster.cut, src, dst)
+
+
+async def run_chaos(
+    workdir: Path,
+    duration_s: float,
+    *,
+    seed: int,
+    say: Callable[[str], None] = lambda line: None,
+    snapshot_threshold: int | None = None,
+) -> tuple[Report, Chaos]:
+    """Start a 3-node ``FaultyCluster`` in ``workdir``, run the workload under ``Chaos`` for
+    ``duration_s``, heal, drain and verify. Returns the report and the chaos (its ``faults`` counts).
+
+    ``snapshot_threshold`` (``[cluster]`` entries before compaction) small makes restarted members
+    catch up by snapshot."""
+    cluster_options = {} if snapshot_threshold is None else {"snapshot_threshold": snapshot_threshold}
+    with FaultyCluster(
+        workdir, 3, node_options={"session_timeout": "5s"}, cluster_options=cluster_options
+    ) as cluster:
+        cluster.start()
+        await restore(cluster)
+        workload = Workload(cluster.endpoints, "chaos/jobs")
+        chaos = Chaos(cluster, random.Random(seed), say=say)
+        await workload.start()
+        try:
+            await chaos.run(duration_s)
+            say("healed; draining and verifying")
+            report = await workload.finish(drain_timeout_s=120)
+        except BaseException:
+            for node_id in cluster.ids:
+                say(f"--- last lines of {node_id}'s log\n{cluster.log_text(node_id)[-2000:]}")
+            raise
+        finally:
+            await workload.close()
+    return report, chaos
