@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import bson
@@ -37,11 +38,39 @@ def _decode_body(body: bytes) -> Any:
         return body
 
 
+class RateTracker:
+    """Produce and ack rates per channel over the last ``window_s`` seconds, from sampled totals."""
+
+    def __init__(self, window_s: float = 10.0, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._samples: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(
+            maxlen=int(window_s / every_s) + 1
+        )
+        self._next = 0.0
+
+    def sample(self, now_s: float, channels: dict[str, ChannelState]) -> None:
+        """Record the totals (at most every ``every_s``; call every loop turn)."""
+        if now_s < self._next:
+            return
+        self._next = now_s + self.every_s
+        self._samples.append((now_s, {c.name: (c.produced_total, c.acked_total) for c in channels.values()}))
+
+    def rates(self, name: str) -> tuple[float, float]:
+        """(produced per second, acked per second) of a channel; zeros until two samples exist."""
+        if len(self._samples) < 2:
+            return 0.0, 0.0
+        (start, first), (end, last) = self._samples[0], self._samples[-1]
+        before, after = first.get(name, (0, 0)), last.get(name, (0, 0))
+        elapsed = max(end - start, 1e-9)
+        return (after[0] - before[0]) / elapsed, (after[1] - before[1]) / elapsed
+
+
 class AdminHandler:
     """Answers ADMIN frames for one node."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.rates = RateTracker()
 
     def handle(self, routing_id: bytes, rid: int, op: str, args: dict[str, Any]) -> None:
         """Answer or propose one admin request."""
@@ -78,6 +107,7 @@ class AdminHandler:
     def _stats(self, channel: ChannelState) -> dict[str, Any]:
         stats = channel.stats()
         stats["consumers"] = self.node.scheduler.consumers_of(channel.name)
+        stats["produce_rate"], stats["ack_rate"] = (round(rate, 1) for rate in self.rates.rates(channel.name))
         return stats
 
     # ------------------------------------------------------------------ reads

@@ -192,7 +192,7 @@ def queues(endpoint: EndpointOption = "", as_json: JsonOption = False) -> None:
     _print(
         result,
         as_json,
-        ["channel", "ready", "delayed", "in_flight", "dead", "consumers", "produced_total", "acked_total"],
+        ["channel", "ready", "delayed", "in_flight", "dead", "consumers", "produce_rate", "ack_rate"],
     )
 
 

@@ -229,6 +229,7 @@ class Node:
             replica.role_changed = False
             self._role_changed()
         replica.maybe_compact(self.state.applied_index, self.store.sync_wal, now)
+        self.admin.rates.sample(now / 1000, self.state.channels)
         self.frontend.flush()
 
     def _idle_timeout(self) -> int:

@@ -36,11 +36,13 @@ class QueueStats:
     dead_lettered_total: int
     lease_expired_total: int
     duplicates_total: int
+    produce_rate: float = 0.0
+    ack_rate: float = 0.0
 
     @classmethod
     def from_wire(cls, row: dict[str, Any]) -> QueueStats:
         """Build from the node's answer, ignoring fields this client does not know."""
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,3 +123,27 @@ def test_config_check_validates_files(cluster: ClusterProcesses, tmp_path: Path)
     bad.write_text('[cluster]\nnodes = [ { id = "x" } ]\n')
     result = runner.invoke(app, ["config", "check", str(bad)])
     assert result.exit_code == ExitCode.CONFIG and "nodes" in result.output
+
+
+def test_queues_show_produce_and_ack_rates(cluster: ClusterProcesses) -> None:
+    # Given a channel receiving messages for a few seconds, and consumed as they come
+    async def traffic() -> None:
+        async with BrokerQueue(cluster.endpoints) as queue:
+            channel = queue.channel("cli/rates", int)
+
+            async def take(value: int) -> None:
+                return None
+
+            consumer = await channel.consume(take, max_parallel=10)
+            for batch in range(12):
+                await asyncio.gather(*(channel.produce(batch * 50 + i) for i in range(50)))
+                await asyncio.sleep(0.2)
+            await consumer.close()
+
+    asyncio.run(traffic())
+    # Then `queues` reports both rates, per second over the last seconds
+    queues = json.loads(_cli(cluster, "queues", "--json")[1])
+    (row,) = [row for row in queues if row["channel"] == "cli/rates"]
+    assert row["produce_rate"] > 10 and row["ack_rate"] > 10
+    table = _cli(cluster, "queues")[1]
+    assert "PRODUCE_RATE" in table.splitlines()[0]
