@@ -40,6 +40,14 @@ def _wait_for(condition: object, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _produce(cluster: ClusterProcesses, channel: str, count: int) -> None:
+    async def fill() -> None:
+        async with BrokerQueue(cluster.endpoints) as queue:
+            await asyncio.gather(*(queue.channel(channel, int).produce(i) for i in range(count)))
+
+    asyncio.run(fill())
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -88,11 +96,7 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(cluster: ClusterProce
     channel = f"worker/slow-{time.monotonic_ns()}"
     slow_log = tmp_path / "slow.log"
 
-    async def fill() -> None:
-        async with BrokerQueue(cluster.endpoints) as queue:
-            await asyncio.gather(*(queue.channel(channel, int).produce(i) for i in range(12)))
-
-    asyncio.run(fill())
+    _produce(cluster, channel, 12)
     env = _env(cluster, SLOW_LOG=str(slow_log), SLOW_CHANNEL=channel, SLOW_SECONDS="1")
     worker = _start_worker("tests.helpers.slow_worker", env, "--grace", "10")
     _wait_for(
@@ -123,11 +127,7 @@ def test_a_short_grace_releases_unfinished_messages_for_immediate_redelivery(
     channel = f"worker/stuck-{time.monotonic_ns()}"
     slow_log = tmp_path / "slow.log"
 
-    async def fill() -> None:
-        async with BrokerQueue(cluster.endpoints) as queue:
-            await asyncio.gather(*(queue.channel(channel, int).produce(i) for i in range(4)))
-
-    asyncio.run(fill())
+    _produce(cluster, channel, 4)
     env = _env(cluster, SLOW_LOG=str(slow_log), SLOW_CHANNEL=channel, SLOW_SECONDS="30")
     worker = _start_worker("tests.helpers.slow_worker", env, "--grace", "0.5")
     _wait_for(
@@ -151,11 +151,7 @@ def test_a_second_signal_exits_at_once(cluster: ClusterProcesses, tmp_path: Path
     channel = f"worker/second-{time.monotonic_ns()}"
     slow_log = tmp_path / "slow.log"
 
-    async def fill() -> None:
-        async with BrokerQueue(cluster.endpoints) as queue:
-            await queue.channel(channel, int).produce(1)
-
-    asyncio.run(fill())
+    _produce(cluster, channel, 1)
     env = _env(cluster, SLOW_LOG=str(slow_log), SLOW_CHANNEL=channel, SLOW_SECONDS="30")
     worker = _start_worker("tests.helpers.slow_worker", env, "--grace", "60")
     _wait_for(lambda: _lines(slow_log), 20, "a message in flight")
