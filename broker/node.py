@@ -224,6 +224,11 @@ class Node:
         elif turn.requesters:
             self._refuse(turn)
         _, ready = replica.flush(now)
+        if replica.role_changed and not replica.is_leader:
+            # Refuse this node's waiters and drop its own proposals before applying what the next leader
+            # committed in their place.
+            replica.role_changed = False
+            self._role_changed()
         self._apply(ready)
         if replica.role_changed:
             replica.role_changed = False

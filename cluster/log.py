@@ -16,6 +16,7 @@ from cluster.messages import Effects, HardState
 
 _SNAPSHOT_KEY = b"snapshot"
 _HARD_STATE_KEY = b"hard_state"
+_INSTALLING_KEY = b"installing"
 _CONFIG_PREFIX = b"cfg"  # + index: membership entries still in the log, so start-up need not scan it
 _PAIR = struct.Struct(">QQ")
 
@@ -109,12 +110,32 @@ class LogStore:
         self.last_index = max(self.last_index, through_index)
         self.bytes_since_compaction = 0
 
+    def begin_install(self, snapshot_index: int, snapshot_term: int) -> None:
+        """Record (synced) that a snapshot through ``snapshot_index`` is replacing the state machine."""
+        batch = self.store.batch()
+        batch.put(Cf.RAFT, _INSTALLING_KEY, _PAIR.pack(snapshot_index, snapshot_term))
+        self.store.write(batch, sync=True)
+
+    def finish_interrupted_install(self, applied_index: int) -> None:
+        """At start-up: redo the reset a crash cut off after the state machine was replaced."""
+        value = self.store.get(Cf.RAFT, _INSTALLING_KEY)
+        if value is None:
+            return
+        index, term = _PAIR.unpack(value)
+        if applied_index == index:
+            self.reset(index, term)
+        else:  # the state machine was not replaced: the log is still the right one
+            batch = self.store.batch()
+            batch.delete(Cf.RAFT, _INSTALLING_KEY)
+            self.store.write(batch, sync=True)
+
     def reset(self, snapshot_index: int, snapshot_term: int) -> None:
         """Forget every entry: an installed snapshot now covers up to ``snapshot_index``."""
         batch = self.store.batch()
         batch.delete_range(Cf.LOG, U64.pack(0), END)
         batch.delete_range(Cf.RAFT, _CONFIG_PREFIX, _CONFIG_PREFIX + END)
         batch.put(Cf.RAFT, _SNAPSHOT_KEY, _PAIR.pack(snapshot_index, snapshot_term))
+        batch.delete(Cf.RAFT, _INSTALLING_KEY)
         self.store.write(batch, sync=True)
         self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
         self.last_index = snapshot_index

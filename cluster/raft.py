@@ -546,6 +546,7 @@ class RaftCore:
             )
         del self.terms[: index - self.snapshot_index]
         self.snapshot_index, self.snapshot_term = index, term
+        self.commit_index = max(self.commit_index, index)
         folded = [config for config in self.configs if config[0] <= index]
         if folded:
             self.base_members = folded[-1][1]

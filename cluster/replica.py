@@ -80,6 +80,7 @@ class Replica:
         listen_for_peers: bool = False,
     ) -> None:
         self.node_id = node_id
+        log_store.finish_interrupted_install(applied_index)
         # Endpoints of every member ever known (the membership itself is the core's).
         self.endpoints: Members = dict(members)
         log_configs = []
@@ -253,6 +254,8 @@ class Replica:
         fresh = {index: payload for index, _, payload in effects.append}
         for peer, message in effects.messages:
             if isinstance(message, AppendRequest) and message.entry_terms:
+                if not self.is_leader or message.term != self.core.term:
+                    continue  # made before this node stepped down this turn; its entries may be replaced
                 try:
                     payloads = self._payloads(message.first_index, len(message.entry_terms), fresh)
                 except LookupError:
@@ -332,6 +335,7 @@ class Replica:
         if staged is None:
             return
         log.info("installing the snapshot from %s through entry %d", request.leader, request.index)
+        self.log.begin_install(request.index, request.snapshot_term)
         members = self._install(staged, request.index)
         self.log.reset(request.index, request.snapshot_term)
         self.recent_payloads.clear()
