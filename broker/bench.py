@@ -1,14 +1,17 @@
 """zbroker benchmark, side by side with a peer measured in the same run.
 
-    scripts/bench [--messages N] [--rounds R] [--peer redis|none] [--nodes 1|3] [--memory M] [--failover K]
+    scripts/bench [--messages N] [--rounds R] [--peers redis,rabbitmq|none] [--nodes 1|3]
+                  [--memory M] [--failover K]
     (the same as ``brokerctl bench ...``)
 
 Scenarios, for 200-byte and 4-KB payloads:
   produce-1     one produce in flight at a time; rate and p50/p99 latency
   produce-100   100 produces in flight (100 concurrent producers on one client)
   consume-ack   a pre-filled queue drained by one consumer with max_parallel=100 (handler returns = ack)
-Each scenario runs ``rounds`` times on a fresh node; the median is reported. The peer is Redis 7 Streams
-with ``appendfsync always`` (XADD; XREADGROUP + XACK), when ``redis-server`` is installed.
+Each scenario runs ``rounds`` times on a fresh node (or cluster); the median is reported. Peers, each
+when its server is installed: Redis 7 Streams with ``appendfsync always`` (XADD; XREADGROUP + XACK),
+and RabbitMQ quorum queues (a cluster of ``--nodes`` RabbitMQ nodes, publisher confirms,
+persistent messages, prefetch 100 + one ack per message; client aio-pika).
 ``--memory M`` queues M messages and samples the node's RSS along the way.
 """
 
@@ -16,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from broker.launcher import ClusterProcesses, NodeProcess, free_port, wait_for_port
+from broker.launcher import ClusterProcesses, NodeProcess, free_port, free_ports, wait_for_port
 from client import BrokerQueue
 
 SIZES = {"200B": 200, "4KB": 4096}
@@ -171,6 +178,170 @@ async def redis_consume(port: int, size: int, messages: int) -> dict[str, float]
     return {"rate": messages / elapsed}
 
 
+# --------------------------------------------------------------------------- RabbitMQ quorum peer
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; runs as root, unlike the wrapper
+RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+
+
+class RabbitCluster:
+    """``size`` throwaway RabbitMQ nodes on free loopback ports, clustered, with their own epmd.
+
+    Booted once per scenario (a node takes seconds to boot); every round declares a fresh queue.
+    """
+
+    def __init__(self, workdir: Path, size: int) -> None:
+        self.workdir = workdir
+        home = workdir / "home"
+        home.mkdir(parents=True)
+        cookie = home / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16))
+        cookie.chmod(0o400)
+        (workdir / "enabled_plugins").write_text("[].\n")
+        self.env = {
+            **os.environ,
+            "HOME": str(home),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(free_port()),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "no-config"),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            # No scheduler busy-waiting: idle Erlang VMs would otherwise spin on the 2 shared cores
+            # while the other systems are measured (RabbitMQ's advice for shared CPUs).
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "+sbwt none +sbwtdcpu none +sbwtdio none",
+        }
+        self.names: list[str] = []
+        self.ports: list[int] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            for index in range(size):
+                port, dist_port = free_ports(2)
+                name = f"zbbench{index}-{port}@localhost"
+                env = {
+                    **self.env,
+                    "RABBITMQ_NODENAME": name,
+                    "RABBITMQ_NODE_PORT": str(port),
+                    "RABBITMQ_DIST_PORT": str(dist_port),
+                    "RABBITMQ_PID_FILE": str(workdir / f"{name}.pid"),
+                }
+                with (workdir / f"{name}.out").open("wb") as out:
+                    self.processes.append(
+                        subprocess.Popen(
+                            [RABBITMQ_SERVER],
+                            env=env,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+                self.names.append(name)
+                self.ports.append(port)
+            for port, process in zip(self.ports, self.processes, strict=True):
+                wait_for_port(port, 120, process)
+            for name in self.names[1:]:
+                for command in (["stop_app"], ["join_cluster", self.names[0]], ["start_app"]):
+                    self._ctl(name, *command)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _ctl(self, node: str, *args: str) -> None:
+        subprocess.run(
+            [RABBITMQCTL, "-n", node, *args], env=self.env, check=True, capture_output=True, timeout=120
+        )
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.ports[0]}/"
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        # The nodes started an epmd daemon on our port; it outlives them unless told to go.
+        subprocess.run(["epmd", "-kill"], env=self.env, capture_output=True, timeout=10, check=False)
+
+
+async def rabbit_publish(channel: Any, queue: str, body: bytes) -> None:
+    import aio_pika
+
+    message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+    await channel.default_exchange.publish(message, routing_key=queue)
+
+
+async def rabbit_queue(url: str, replicas: int) -> tuple[Any, Any, str]:
+    """A connection, a confirming channel and a fresh durable quorum queue on ``replicas`` nodes."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    channel = await connection.channel(publisher_confirms=True)
+    arguments: Any = {"x-queue-type": "quorum", "x-quorum-initial-group-size": replicas}
+    queue = await channel.declare_queue(f"bench-{secrets.token_hex(6)}", durable=True, arguments=arguments)
+    return connection, channel, queue.name
+
+
+async def rabbit_produce(
+    url: str, replicas: int, size: int, messages: int, in_flight: int
+) -> dict[str, float]:
+    connection, channel, queue = await rabbit_queue(url, replicas)
+    body = b"x" * size
+    latencies: list[float] = []
+    per_worker = messages // in_flight
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            started = time.perf_counter()
+            await rabbit_publish(channel, queue, body)
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(rabbit_publish(channel, queue, body) for _ in range(in_flight)))
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return {
+        "rate": per_worker * in_flight / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
+async def rabbit_consume(url: str, replicas: int, size: int, messages: int) -> dict[str, float]:
+    connection, channel, queue = await rabbit_queue(url, replicas)
+    body = b"x" * size
+    for start in range(0, messages, 1000):
+        await asyncio.gather(
+            *(rabbit_publish(channel, queue, body) for _ in range(min(1000, messages - start)))
+        )
+    consumer_channel = await connection.channel()
+    await consumer_channel.set_qos(prefetch_count=100)
+    source = await consumer_channel.get_queue(queue, ensure=False)
+    handled = 0
+    done = asyncio.Event()
+
+    async def on_message(message: Any) -> None:
+        nonlocal handled
+        await message.ack()
+        handled += 1
+        if handled == messages:
+            done.set()
+
+    started = time.perf_counter()
+    await source.consume(on_message)
+    await asyncio.wait_for(done.wait(), 600)
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return {"rate": messages / elapsed}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -180,10 +351,22 @@ def fresh_node(workdir: Path) -> NodeProcess:
     return NodeProcess(workdir, log_level="warning").start()
 
 
+class Target(Protocol):
+    """One system under test for one round (a fresh server, or a fresh queue on a long-lived one)."""
+
+    name: ClassVar[str]
+
+    def produce(self, size: int, count: int, in_flight: int) -> Awaitable[dict[str, float]]: ...
+
+    def consume(self, size: int, count: int) -> Awaitable[dict[str, float]]: ...
+
+    def stop(self) -> None: ...
+
+
 class ZbrokerTarget:
     """A fresh zbroker node (or a cluster of ``NODES`` nodes) per round."""
 
-    name = "zbroker"
+    name: ClassVar[str] = "zbroker"
     nodes = 1
 
     def __init__(self, workdir: Path) -> None:
@@ -212,7 +395,11 @@ async def wait_for_leader(endpoints: list[str]) -> None:
 class RedisTarget:
     """A fresh redis-server per round."""
 
-    name = "redis"
+    name: ClassVar[str] = "redis"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
 
     def __init__(self, workdir: Path) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -229,9 +416,46 @@ class RedisTarget:
         self.peer.stop()
 
 
+class RabbitTarget:
+    """A fresh quorum queue per round on a RabbitMQ cluster of ``ZbrokerTarget.nodes`` nodes, which
+    is booted for a scenario's rounds and shut down before the next system is measured."""
+
+    name: ClassVar[str] = "rabbitmq"
+    cluster: ClassVar[RabbitCluster | None] = None
+
+    @staticmethod
+    def available() -> bool:
+        return os.access(RABBITMQ_SERVER, os.X_OK) and shutil.which("epmd") is not None
+
+    def __init__(self, workdir: Path) -> None:
+        if RabbitTarget.cluster is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            RabbitTarget.cluster = RabbitCluster(workdir, ZbrokerTarget.nodes)
+        self.url = RabbitTarget.cluster.url
+        self.replicas = ZbrokerTarget.nodes
+
+    async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
+        return await rabbit_produce(self.url, self.replicas, size, count, in_flight)
+
+    async def consume(self, size: int, count: int) -> dict[str, float]:
+        return await rabbit_consume(self.url, self.replicas, size, count)
+
+    def stop(self) -> None:
+        """The cluster stays up for the next round; ``shutdown`` ends it."""
+
+    @classmethod
+    def shutdown(cls) -> None:
+        if cls.cluster is not None:
+            cls.cluster.stop()
+            cls.cluster = None
+
+
+PEERS: dict[str, type[RedisTarget] | type[RabbitTarget]] = {"redis": RedisTarget, "rabbitmq": RabbitTarget}
+
+
 def run_rounds(
     rounds: int,
-    target: type[ZbrokerTarget | RedisTarget],
+    target: type[Target],
     workdir: Path,
     size: int,
     count: int,
@@ -240,21 +464,45 @@ def run_rounds(
     """Median of ``rounds`` measurements, each on a fresh server (in_flight 0 = consume-ack)."""
     results = []
     for _ in range(rounds):
-        server = target(workdir / target.name)
+        server = target(workdir / target.name)  # type: ignore[call-arg]
         try:
             scenario = server.produce(size, count, in_flight) if in_flight else server.consume(size, count)
-            results.append(asyncio.run(scenario))
+            results.append(asyncio.run(_awaited(scenario)))
         finally:
             server.stop()
     return {key: statistics.median(result[key] for result in results) for key in results[0]}
 
 
+async def _awaited(scenario: Awaitable[dict[str, float]]) -> dict[str, float]:
+    return await scenario
+
+
+def peer_targets(names: str) -> list[type[Target]]:
+    """The peers asked for (comma-separated, or ``none``) whose servers are installed here."""
+    chosen: list[type[Target]] = []
+    for name in filter(None, (part.strip() for part in names.split(","))):
+        if name == "none":
+            continue
+        peer = PEERS.get(name)
+        if peer is None:
+            raise SystemExit(f"--peers: unknown peer {name!r} (choose from {', '.join(PEERS)} or none)")
+        if peer.available():
+            chosen.append(peer)
+        else:
+            print(f"(peer {name} skipped: its server is not installed here)", flush=True)
+    return chosen
+
+
 def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = Path(tempfile.mkdtemp(prefix="zbroker-bench-"))
-    targets: list[type[ZbrokerTarget | RedisTarget]] = [ZbrokerTarget]
-    if args.peer == "redis" and shutil.which("redis-server") is not None:
-        targets.append(RedisTarget)
+    peers = peer_targets(args.peers)
+    targets: list[type[Target]] = [ZbrokerTarget, *peers]
+    header = ["scenario", "size", "zbroker rate", "zbroker p50 / p99"]
+    for peer in peers:
+        header += [f"{peer.name} rate", f"{peer.name} p50 / p99", f"zbroker / {peer.name}"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
     try:
         for size_name, size in SIZES.items():
             for scenario, in_flight in [("produce-1", 1), ("produce-100", 100), ("consume-ack", 0)]:
@@ -262,24 +510,26 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"scenario": scenario, "size": size_name, "messages": count}
                 for target in targets:
                     row[target.name] = run_rounds(args.rounds, target, base, size, count, in_flight)
+                    # Even idle, Erlang VMs take CPU from whatever is measured next on the shared cores.
+                    RabbitTarget.shutdown()
                 rows.append(row)
-                print(format_row(row), flush=True)
+                print(format_row(row, [peer.name for peer in peers]), flush=True)
     finally:
+        RabbitTarget.shutdown()
         shutil.rmtree(base, ignore_errors=True)
     return rows
 
 
-def format_row(row: dict[str, Any]) -> str:
+def _latency(result: dict[str, float]) -> str:
+    return f"{result['p50_ms']:.2f} / {result['p99_ms']:.2f} ms" if "p50_ms" in result else "-"
+
+
+def format_row(row: dict[str, Any], peers: list[str]) -> str:
     zb = row["zbroker"]
-    cells = [row["scenario"], row["size"], f"{zb['rate']:,.0f}/s"]
-    cells.append(f"{zb['p50_ms']:.2f} / {zb['p99_ms']:.2f} ms" if "p50_ms" in zb else "-")
-    peer = row.get("redis")
-    if peer:
-        cells.append(f"{peer['rate']:,.0f}/s")
-        cells.append(f"{peer['p50_ms']:.2f} / {peer['p99_ms']:.2f} ms" if "p50_ms" in peer else "-")
-        cells.append(f"{zb['rate'] / peer['rate']:.2f}")
-    else:
-        cells += ["-", "-", "-"]
+    cells = [row["scenario"], row["size"], f"{zb['rate']:,.0f}/s", _latency(zb)]
+    for name in peers:
+        peer = row[name]
+        cells += [f"{peer['rate']:,.0f}/s", _latency(peer), f"{zb['rate'] / peer['rate']:.2f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -349,7 +599,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--messages", type=int, default=30_000, help="messages per throughput round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median reported)")
-    parser.add_argument("--peer", choices=["redis", "none"], default="redis")
+    parser.add_argument(
+        "--peers",
+        default="redis,rabbitmq",
+        help="peers measured in the same run, comma-separated: redis, rabbitmq, or none",
+    )
     parser.add_argument("--memory", type=int, default=0, help="queue this many messages and report RSS")
     parser.add_argument("--nodes", type=int, default=1, help="zbroker cluster size (1 or 3)")
     parser.add_argument(
@@ -363,9 +617,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.failover:
         failover(args.failover)
         return
-    columns = ["scenario", "size", "zbroker rate", "zbroker p50 / p99", "redis rate", "redis p50 / p99"]
-    print("| " + " | ".join([*columns, "zbroker / redis"]) + " |")
-    print("|---|---|---|---|---|---|---|")
     bench(args)
 
 

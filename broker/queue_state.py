@@ -209,6 +209,8 @@ class QueueState:
         self._dirty: set[int] = set()
         self._batch: Batch = store.batch()
         self._overlays: dict[Cf, dict[bytes, bytes | None]] = {cf: {} for cf in _READ_CFS}
+        # Stored produce-id records of the ProduceCmd being applied, read with one multi-get.
+        self._stored_pids: dict[bytes, bytes | None] = {}
         self._load()
 
     # ------------------------------------------------------------------ loading and writing
@@ -305,7 +307,11 @@ class QueueState:
     def _apply_command(self, command: LogCommand, now_ms: int) -> CommandResult:
         match command:
             case ProduceCmd(items):
-                return [self._produce(item, now_ms) for item in items]
+                self._prefetch_pids(items)
+                try:
+                    return [self._produce(item, now_ms) for item in items]
+                finally:
+                    self._stored_pids = {}
             case LeaseCmd():
                 return self._lease(command, now_ms)
             case AckCmd(refs):
@@ -403,18 +409,31 @@ class QueueState:
         channel.produced_total += 1
         return ProduceOutcome(produce_id, False)
 
+    def _prefetch_pids(self, items: Sequence[ProduceItem]) -> None:
+        """Read the stored records of every produce id in ``items`` (this bucket and the previous one)
+        in one multi-get instead of one lookup per message."""
+        buckets = (self.pid_bucket, self.pid_bucket - 1) if self.pid_bucket else (self.pid_bucket,)
+        keys = list({k.pid_key(bucket, item.produce_id) for item in items for bucket in buckets})
+        self._stored_pids = dict(zip(keys, self.store.multi_get(Cf.PIDS, keys), strict=True))
+
+    def _stored_pid(self, key: bytes) -> bytes | None:
+        """A stored produce-id record: prefetched for the current command, else read now."""
+        if key in self._stored_pids:
+            return self._stored_pids[key]
+        return self.store.get(Cf.PIDS, key)
+
     def _known_produce_id(self, pid_key: bytes, produce_id: str) -> bytes | None:
         """The record of a produce id seen in this bucket or the previous one (pending writes first)."""
         pending = self._overlays[Cf.PIDS]
         known = pending.get(pid_key)
         if known is not None or not self.pid_bucket:
-            return known if known is not None else self.store.get(Cf.PIDS, pid_key)
+            return known if known is not None else self._stored_pid(pid_key)
         previous_key = k.pid_key(self.pid_bucket - 1, produce_id)
         known = pending.get(previous_key)
         if known is not None:
             return known
-        current, previous = self.store.multi_get(Cf.PIDS, (pid_key, previous_key))
-        return current if current is not None else previous
+        current = self._stored_pid(pid_key)
+        return current if current is not None else self._stored_pid(previous_key)
 
     def _deduplicate(self, channel: ChannelState, item: ProduceItem, now_ms: int) -> str | None:
         """The original message id if ``item`` repeats one within its window; else start a window."""
