@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -42,6 +42,31 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+async def measure_produce(
+    send: Callable[[], Awaitable[object]], messages: int, in_flight: int
+) -> dict[str, float]:
+    """``in_flight`` concurrent producers each awaiting ``send()`` in turn, after one warm-up wave;
+    the rate of the whole and the p50/p99 of one ``send()``."""
+    latencies: list[float] = []
+    per_worker = messages // in_flight
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            started = time.perf_counter()
+            await send()
+            latencies.append(time.perf_counter() - started)
+
+    await asyncio.gather(*(send() for _ in range(in_flight)))
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    return {
+        "rate": per_worker * in_flight / elapsed,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+    }
+
+
 # --------------------------------------------------------------------------- zbroker
 
 
@@ -49,24 +74,7 @@ async def zb_produce(endpoint: list[str], size: int, messages: int, in_flight: i
     async with BrokerQueue(endpoint) as queue:
         channel = queue.channel("bench/produce", bytes)
         body = b"x" * size
-        latencies: list[float] = []
-        per_worker = messages // in_flight
-
-        async def worker() -> None:
-            for _ in range(per_worker):
-                started = time.perf_counter()
-                await channel.produce(body)
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(channel.produce(body) for _ in range(min(in_flight, 100))))  # warm-up
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed = time.perf_counter() - started
-    return {
-        "rate": per_worker * in_flight / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+        return await measure_produce(lambda: channel.produce(body), messages, in_flight)
 
 
 async def zb_consume(endpoint: list[str], size: int, messages: int) -> dict[str, float]:
@@ -131,25 +139,10 @@ async def redis_produce(port: int, size: int, messages: int, in_flight: int) -> 
 
     client = redis.Redis(port=port, max_connections=in_flight + 1)
     body = b"x" * size
-    latencies: list[float] = []
-    per_worker = messages // in_flight
-
-    async def worker() -> None:
-        for _ in range(per_worker):
-            started = time.perf_counter()
-            await client.xadd("bench:produce", {"d": body})
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(client.xadd("bench:produce", {"d": body}) for _ in range(in_flight)))
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - started
-    await client.aclose()
-    return {
-        "rate": per_worker * in_flight / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+    try:
+        return await measure_produce(lambda: client.xadd("bench:produce", {"d": body}), messages, in_flight)
+    finally:
+        await client.aclose()
 
 
 async def redis_consume(port: int, size: int, messages: int) -> dict[str, float]:
@@ -293,25 +286,10 @@ async def rabbit_produce(
 ) -> dict[str, float]:
     connection, channel, queue = await rabbit_queue(url, replicas)
     body = b"x" * size
-    latencies: list[float] = []
-    per_worker = messages // in_flight
-
-    async def worker() -> None:
-        for _ in range(per_worker):
-            started = time.perf_counter()
-            await rabbit_publish(channel, queue, body)
-            latencies.append(time.perf_counter() - started)
-
-    await asyncio.gather(*(rabbit_publish(channel, queue, body) for _ in range(in_flight)))
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    elapsed = time.perf_counter() - started
-    await connection.close()
-    return {
-        "rate": per_worker * in_flight / elapsed,
-        "p50_ms": percentile(latencies, 0.5) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
-    }
+    try:
+        return await measure_produce(lambda: rabbit_publish(channel, queue, body), messages, in_flight)
+    finally:
+        await connection.close()
 
 
 async def rabbit_consume(url: str, replicas: int, size: int, messages: int) -> dict[str, float]:
