@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from broker.launcher import ClusterProcesses, NodeProcess, free_ports
 from client import BrokerAdmin, BrokerQueue
@@ -22,6 +23,56 @@ async def _wait(check: object, timeout_s: float, what: str) -> None:
     while not await check():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
+
+
+class _SteadyProducer:
+    """Produces consecutive integers in batches of 20 until ``stop``; every batch must be acknowledged
+    (a produce that fails raises out of ``run``), and the longest wait between two batches is kept."""
+
+    def __init__(self, channel: Any, first: int) -> None:
+        self.channel = channel
+        self.next_value = first
+        self.batches = 0
+        self.longest_gap_s = 0.0
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def finish(self) -> None:
+        assert self.task is not None
+        self.stop.set()
+        await self.task
+
+    def _batches_at_least(self, count: int) -> bool:
+        assert self.task is not None
+        if self.task.done():
+            self.task.result()  # a produce failed: raise that, not a timeout
+            raise AssertionError("the producer stopped")
+        return self.batches >= count
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not self.stop.is_set():
+            batch = range(self.next_value, self.next_value + 20)
+            await asyncio.gather(*(self.channel.produce(value, timeout=20) for value in batch))
+            self.next_value += 20
+            self.batches += 1
+            now = loop.time()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+
+    async def wait_for_batches(self, count: int, timeout_s: float) -> None:
+        await _wait(_async(lambda: self._batches_at_least(count)), timeout_s, f"{count} acknowledged batches")
+
+
+def _async(predicate: Any) -> Any:
+    async def check() -> bool:
+        return bool(predicate())
+
+    return check
 
 
 async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_path: Path) -> None:
@@ -43,25 +94,42 @@ async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_pa
             channel = queue.channel("membership/jobs", int)
             for start in range(0, 2000, 500):
                 await asyncio.gather(*(channel.produce(i) for i in range(start, start + 500)))
-        # When a fourth node starts and is added, catches up, and n1 is removed and killed
-        n4.start()
-        async with BrokerAdmin(endpoints) as admin:
-            assert await admin.add_node("n4", n4_member.client_endpoint, n4_member.peer_endpoint) == [
-                "n1",
-                "n2",
-                "n3",
-                "n4",
-            ]
+        # When a fourth node starts and is added, catches up, and n1 is removed and killed, while a
+        # producer keeps going
+        async with BrokerQueue(endpoints) as producer_queue:
+            producer = _SteadyProducer(producer_queue.channel("membership/jobs", int), first=2000)
+            producer.start()
+            n4.start()
+            async with BrokerAdmin(endpoints) as admin:
+                assert await admin.add_node("n4", n4_member.client_endpoint, n4_member.peer_endpoint) == [
+                    "n1",
+                    "n2",
+                    "n3",
+                    "n4",
+                ]
 
-        async def n4_caught_up() -> bool:
-            view = await _leader_view(cluster.endpoints)
+                view = await _leader_view(cluster.endpoints)
+            # The leader keeps applying new produces: n4 has caught up once it reaches where the leader
+            # was when it was added.
             leader_applied = max(applied for role, applied in view.values() if role == "leader")
-            return view.get("n4", ("", 0))[1] >= leader_applied
 
-        await _wait(n4_caught_up, 30, "n4 to catch up")
-        async with BrokerAdmin(endpoints) as admin:
-            assert await admin.remove_node("n1") == ["n2", "n3", "n4"]
-        cluster.kill("n1")
+            async def n4_caught_up() -> bool:
+                return (await _leader_view(cluster.endpoints)).get("n4", ("", 0))[1] >= leader_applied
+
+            await _wait(n4_caught_up, 30, "n4 to catch up")
+            async with BrokerAdmin(endpoints) as admin:
+                assert await admin.remove_node("n1") == ["n2", "n3", "n4"]
+            cluster.kill("n1")
+
+            # Then the producer is acknowledged all along, including after n1 is gone
+            await producer.wait_for_batches(producer.batches + 3, timeout_s=30)
+            await producer.finish()
+        assert producer.longest_gap_s < 5, f"no produce acknowledged for {producer.longest_gap_s:.2f} s"
+        total = producer.next_value
+        print(
+            f"{total - 2000} produces acknowledged during the change,"
+            f" longest wait {producer.longest_gap_s:.2f} s"
+        )
         # And the leader of the remaining three is killed too, so n4 must vote for a new one
         remaining = [cluster["n2"].endpoint, cluster["n3"].endpoint, n4.endpoint]
 
@@ -89,10 +157,10 @@ async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_pa
         async with BrokerQueue(survivors, connect_timeout=30) as queue:
             seen = Collector()
             await queue.channel("membership/jobs", int).consume(seen, max_parallel=50)
-            items = await seen.wait_for(2000, timeout_s=60)
+            items = await seen.wait_for(total, timeout_s=60)
             await asyncio.sleep(0.3)
-            assert sorted(items) == list(range(2000))
-            assert (await queue.channel("membership/jobs", int).produce(2000)).duplicate is False
+            assert sorted(items) == list(range(total))
+            assert (await queue.channel("membership/jobs", int).produce(total)).duplicate is False
     finally:
         cluster.kill_all()
         n4.kill()
