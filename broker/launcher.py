@@ -362,12 +362,17 @@ class ClusterProcesses:
 
     def stop_all(self, timeout_s: float = 15.0) -> dict[str, int]:
         """SIGTERM every running member at once, then reap them; a member still up after
-        ``timeout_s`` is killed. Returns each stopped member's exit code (-9 for a killed one)."""
+        ``timeout_s`` is killed. Returns the exit code of every member that was started (-9 for a
+        killed one), including those that had exited already."""
+        codes = {
+            node_id: node.process.returncode
+            for node_id, node in self.nodes.items()
+            if node.process is not None and not node.running
+        }
         running = {node_id: node for node_id, node in self.nodes.items() if node.running}
         for node in running.values():
             node.terminate()
         deadline = time.monotonic() + timeout_s
-        codes: dict[str, int] = {}
         for node_id, node in running.items():
             assert node.process is not None
             try:
@@ -375,7 +380,7 @@ class ClusterProcesses:
             except subprocess.TimeoutExpired:
                 node.kill()
                 codes[node_id] = node.process.returncode
-        return codes
+        return {node_id: codes[node_id] for node_id in self.nodes if node_id in codes}
 
     def kill_all(self) -> None:
         """SIGKILL every running member."""

@@ -65,3 +65,7 @@ def serve(settings: Settings) -> None:
     if stop_requested:
         node.stop()
     node.run()
+    # Closed cleanly. A later stop signal (Ctrl-C reaches a whole process group, then a launcher may
+    # send SIGTERM as well) must not turn this exit into a death by signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
