@@ -70,6 +70,12 @@ async def measure_produce(
     }
 
 
+async def prefill(send: Callable[[], Awaitable[object]], messages: int) -> None:
+    """Queue ``messages`` for a consume round: ``send()`` 1,000 at a time, each wave awaited."""
+    for start in range(0, messages, 1000):
+        await asyncio.gather(*(send() for _ in range(min(1000, messages - start))))
+
+
 # --------------------------------------------------------------------------- zbroker
 
 
@@ -84,8 +90,7 @@ async def zb_consume(endpoint: list[str], size: int, messages: int) -> dict[str,
     async with BrokerQueue(endpoint) as queue:
         channel = queue.channel("bench/consume", bytes)
         body = b"x" * size
-        for start in range(0, messages, 1000):
-            await asyncio.gather(*(channel.produce(body) for _ in range(min(1000, messages - start))))
+        await prefill(lambda: channel.produce(body), messages)
         done = asyncio.Event()
         handled = 0
 
@@ -298,10 +303,7 @@ async def rabbit_produce(
 async def rabbit_consume(url: str, replicas: int, size: int, messages: int) -> dict[str, float]:
     connection, channel, queue = await rabbit_queue(url, replicas)
     body = b"x" * size
-    for start in range(0, messages, 1000):
-        await asyncio.gather(
-            *(rabbit_publish(channel, queue, body) for _ in range(min(1000, messages - start)))
-        )
+    await prefill(lambda: rabbit_publish(channel, queue, body), messages)
     consumer_channel = await connection.channel()
     await consumer_channel.set_qos(prefetch_count=100)
     source = await consumer_channel.get_queue(queue, ensure=False)
@@ -430,8 +432,7 @@ async def nats_produce(url: str, replicas: int, size: int, messages: int, in_fli
 async def nats_consume(url: str, replicas: int, size: int, messages: int) -> dict[str, float]:
     connection, jetstream, subject = await nats_stream(url, replicas)
     body = b"x" * size
-    for start in range(0, messages, 1000):
-        await asyncio.gather(*(jetstream.publish(subject, body) for _ in range(min(1000, messages - start))))
+    await prefill(lambda: jetstream.publish(subject, body), messages)
     subscription = await jetstream.pull_subscribe(subject, durable="workers")
     handled = 0
     started = time.perf_counter()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from broker.launcher import ClusterProcesses, NodeProcess, free_ports
 from client import BrokerAdmin, BrokerQueue
 from config import ClusterMember
+from tests.helpers.workload import Workload
 from tests.test_queue_basics import Collector
 
 
@@ -23,56 +23,6 @@ async def _wait(check: object, timeout_s: float, what: str) -> None:
     while not await check():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
-
-
-class _SteadyProducer:
-    """Produces consecutive integers in batches of 20 until ``stop``; every batch must be acknowledged
-    (a produce that fails raises out of ``run``), and the longest wait between two batches is kept."""
-
-    def __init__(self, channel: Any, first: int) -> None:
-        self.channel = channel
-        self.next_value = first
-        self.batches = 0
-        self.longest_gap_s = 0.0
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
-
-    async def finish(self) -> None:
-        assert self.task is not None
-        self.stop.set()
-        await self.task
-
-    def _batches_at_least(self, count: int) -> bool:
-        assert self.task is not None
-        if self.task.done():
-            self.task.result()  # a produce failed: raise that, not a timeout
-            raise AssertionError("the producer stopped")
-        return self.batches >= count
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while not self.stop.is_set():
-            batch = range(self.next_value, self.next_value + 20)
-            await asyncio.gather(*(self.channel.produce(value, timeout=20) for value in batch))
-            self.next_value += 20
-            self.batches += 1
-            now = loop.time()
-            self.longest_gap_s = max(self.longest_gap_s, now - last)
-            last = now
-
-    async def wait_for_batches(self, count: int, timeout_s: float) -> None:
-        await _wait(_async(lambda: self._batches_at_least(count)), timeout_s, f"{count} acknowledged batches")
-
-
-def _async(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
 
 
 async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_path: Path) -> None:
@@ -96,9 +46,9 @@ async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_pa
                 await asyncio.gather(*(channel.produce(i) for i in range(start, start + 500)))
         # When a fourth node starts and is added, catches up, and n1 is removed and killed, while a
         # producer keeps going
-        async with BrokerQueue(endpoints) as producer_queue:
-            producer = _SteadyProducer(producer_queue.channel("membership/jobs", int), first=2000)
-            producer.start()
+        producer = Workload(endpoints, "membership/jobs", in_flight=20, consumers=0, first_value=2000)
+        await producer.start()
+        try:
             n4.start()
             async with BrokerAdmin(endpoints) as admin:
                 assert await admin.add_node("n4", n4_member.client_endpoint, n4_member.peer_endpoint) == [
@@ -122,13 +72,19 @@ async def test_a_node_is_replaced_and_every_acknowledged_message_survives(tmp_pa
             cluster.kill("n1")
 
             # Then the producer is acknowledged all along, including after n1 is gone
-            await producer.wait_for_batches(producer.batches + 3, timeout_s=30)
-            await producer.finish()
-        assert producer.longest_gap_s < 5, f"no produce acknowledged for {producer.longest_gap_s:.2f} s"
-        total = producer.next_value
+            await producer.wait_acknowledged(60, timeout_s=30)
+            await producer.stop_producing()
+        finally:
+            await producer.close()
+        assert not producer.uncertain, f"produces that failed: {dict(producer.errors)}"
+        total = 2000 + len(producer.acknowledged)
+        assert producer.acknowledged == set(range(2000, total))
+        assert producer.max_unavailable_s < 5, (
+            f"no produce acknowledged for {producer.max_unavailable_s:.2f} s"
+        )
         print(
             f"{total - 2000} produces acknowledged during the change,"
-            f" longest wait {producer.longest_gap_s:.2f} s"
+            f" longest wait {producer.max_unavailable_s:.2f} s"
         )
         # And the leader of the remaining three is killed too, so n4 must vote for a new one
         remaining = [cluster["n2"].endpoint, cluster["n3"].endpoint, n4.endpoint]
