@@ -31,7 +31,7 @@ from broker.commands import (
     encode_entry,
 )
 from broker.frontend import Frontend, ResultCallback, Turn
-from broker.keys import STATE_MACHINE_CFS, Cf
+from broker.keys import STATE_MACHINE_CFS
 from broker.metrics import NodeMetrics
 from broker.queue_state import QueueState
 from broker.scheduler import Scheduler
@@ -46,7 +46,6 @@ from config import Settings
 log = logging.getLogger("zbroker.node")
 
 APPLY_BATCH_ENTRIES = 256
-LOG_MEMTABLE_BYTES = 32 << 20
 STATE_MEMTABLE_BYTES = 96 << 20
 CLUSTER_POLL_MS = 20
 IDLE_POLL_MS = 100
@@ -83,9 +82,7 @@ class Node:
         self.data_dir = Path(node.data_dir)
         self.state_dir = self.data_dir / "state"
         recover_state_dir(self.state_dir)
-        self.log_store = RocksStore(
-            self.data_dir / "log", (Cf.LOG, Cf.RAFT), memtable_bytes=LOG_MEMTABLE_BYTES, recycle_wal_files=2
-        )
+        self.log_store = LogStore(self.data_dir / "raft")
         self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)
@@ -114,7 +111,7 @@ class Node:
             node_id=self.node_id,
             members=members,
             peer_bind=node.peer_endpoint,
-            log_store=LogStore(self.log_store),
+            log_store=self.log_store,
             context=self.context,
             config=RaftConfig(
                 election_timeout_ms=int((cluster.election_timeout_s if cluster else 1.0) * 1000),
@@ -145,6 +142,7 @@ class Node:
         self.poller.register(self.router, zmq.POLLIN)
         if self.replica.socket is not None:
             self.poller.register(self.replica.socket, zmq.POLLIN)
+        self.poller.register(self.log_store.fileno(), zmq.POLLIN)  # the log's fsync finished
         self.router.bind(node.client_endpoint)
         if node.metrics_endpoint:
             self.metrics.serve(self, node.metrics_endpoint)

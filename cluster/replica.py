@@ -5,15 +5,20 @@ The node drives it once per loop turn:
     replica.receive(now)          # peer frames -> core
     replica.tick(now)
     index = replica.propose(payload, now)      # leader only
-    committed = replica.flush(now)             # persist (one fsync), send, snapshots; entries to apply
+    committed = replica.flush(now)             # write, send, sync off the loop; entries to apply
 
-Effects of every step in a turn are merged, so a turn costs one synced write and one frame per
-follower however many proposals and acknowledgements it saw (group commit, pipelined: the leader
-never waits for an answer before sending the next batch).
+Effects of every step in a turn are merged, so a turn costs one write and one frame per follower
+however many proposals and acknowledgements it saw. The write only reaches the page cache; the log's
+sync thread makes it durable while the loop goes on serving, and every write that piles up meanwhile
+rides on the next fsync (group commit without a timer). Pipelined both ways: the leader never waits
+for an answer before sending the next batch, nor for its own fsync before sending its entries. What
+the sync thread finished is reported to the core as ``Persisted``: only then does the leader count
+itself, and only then do a follower's append answers leave (they promise the entries are on disk).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -30,16 +35,19 @@ from cluster.log import LogStore
 from cluster.membership import Members, decode_membership, encode_membership
 from cluster.messages import (
     AppendRequest,
+    AppendResponse,
     Compacted,
     Effects,
     Persisted,
     Propose,
     RaftEvent,
+    RaftMessage,
     Receive,
     Role,
     SnapshotFailed,
     SnapshotInstalled,
     SnapshotRequest,
+    SnapshotResponse,
     Tick,
     TransferLeadership,
 )
@@ -50,6 +58,7 @@ from cluster.transport import PeerKind, PeerTransport, decode_message, encode_me
 log = logging.getLogger("zbroker.replica")
 
 KEEP_ENTRIES_AFTER_COMPACTION = 100
+Answer = AppendResponse | SnapshotResponse
 COMPACT_AFTER_BYTES = 256 << 20
 
 
@@ -122,6 +131,8 @@ class Replica:
         self.role_changed = False
         # Payloads appended but not yet applied: the node applies from here instead of reading back.
         self.recent_payloads: dict[int, bytes] = {}
+        # Answers waiting for the log to be synced: (ticket they wait for, peer, message).
+        self._held: collections.deque[tuple[int, str, Answer]] = collections.deque()
         self.counters = {
             "peer_frames_in": 0,
             "peer_frames_out": 0,
@@ -216,38 +227,52 @@ class Replica:
         self._step(TransferLeadership(target), now_ms)
 
     def flush(self, now_ms: int) -> tuple[int, int]:
-        """Persist, send, handle snapshots; returns the range (first, last) of entries ready to apply."""
+        """Write, send, hand the writes to the sync thread, handle snapshots; returns the range
+        (first, last) of entries ready to apply: committed and durable here."""
         effects = self._pending
         self._pending = Effects()
-        # A leader may send its entries before its own fsync (it counts itself only once Persisted), so
-        # the followers' fsyncs overlap its own. Votes, acknowledgements and a changed term or vote must
-        # wait for the disk.
-        early = self.is_leader and effects.hard_state is None
-        if early:
-            self._send_all(effects, now_ms)
-            effects.messages = []
         if effects.truncate_from is not None:
             for index in [index for index in self.recent_payloads if index >= effects.truncate_from]:
                 del self.recent_payloads[index]
         for index, _, payload in effects.append:
             self.recent_payloads[index] = payload
         if effects.persist_needed():
-            started = time.perf_counter()
-            self.log.persist(effects)
-            if self._observe_fsync is not None:
-                self._observe_fsync(time.perf_counter() - started)
-            effects.merge(self.core.step(Persisted(self.log.last_index), now_ms))
+            self.log.write(effects)  # the hard state is synced now; entries reach the page cache
         if effects.install_snapshot is not None:
             self._install_snapshot(effects.install_snapshot, now_ms, effects)
         self._learn_members(effects)
         self._send_all(effects, now_ms)
+        self.log.request_sync()
+        self.collect_synced(now_ms)
         for peer in effects.send_snapshot:
             self._start_snapshot(peer)
         self._pump_snapshots()
         self.role_changed = self.role_changed or effects.role_changed
         return self.core.snapshot_index, min(self.core.commit_index, self.core.persisted_index)
 
+    def collect_synced(self, now_ms: int) -> None:
+        """Take what the sync thread finished: report it to the core, send the answers that waited."""
+        durable, durations = self.log.poll_synced()
+        if self._observe_fsync is not None:
+            for seconds in durations:
+                self._observe_fsync(seconds)
+        if durable is not None:
+            effects = self.core.step(Persisted(durable), now_ms)
+            self.role_changed = self.role_changed or effects.role_changed
+            self._send_all(effects, now_ms)
+        if self._held and self._held[0][0] <= self.log.synced_ticket:
+            info = self._status()
+            while self._held and self._held[0][0] <= self.log.synced_ticket:
+                _, peer, message = self._held.popleft()
+                # An answer of an earlier term may speak of entries a later leader has since replaced
+                # (before they reached the disk): it is dropped, as the network might have dropped it.
+                if message.term == self.core.term:
+                    self._transmit(peer, message, info)
+
     def _send_all(self, effects: Effects, now_ms: int) -> None:
+        """Send this turn's messages. Answers that promise entries are on disk (append and snapshot
+        responses) wait until everything written so far is synced; the rest go at once, a leader's
+        appends included: the followers' fsyncs overlap its own, which it counts only once Persisted."""
         if self.transport is None:
             return
         info = self._status()
@@ -261,9 +286,18 @@ class Replica:
                 except LookupError:
                     continue  # compacted meanwhile: the core will fall back to a snapshot
                 message = dataclasses.replace(message, payloads=payloads)
-            kind, payload = encode_message(message)
-            if self.transport.send(peer, kind, payload, info):
-                self.counters["peer_frames_out"] += 1
+            if isinstance(message, AppendResponse | SnapshotResponse) and (
+                self._held or self.log.synced_ticket < self.log.written_ticket
+            ):
+                self._held.append((self.log.written_ticket, peer, message))
+            else:
+                self._transmit(peer, message, info)
+
+    def _transmit(self, peer: str, message: RaftMessage, info: dict[str, Any]) -> None:
+        assert self.transport is not None
+        kind, payload = encode_message(message)
+        if self.transport.send(peer, kind, payload, info):
+            self.counters["peer_frames_out"] += 1
 
     def _payloads(self, first: int, count: int, fresh: dict[int, bytes]) -> tuple[bytes, ...]:
         """Entry payloads from this turn's appends (maybe not on disk yet) or from the log."""
@@ -339,6 +373,7 @@ class Replica:
         members = self._install(staged, request.index)
         self.log.reset(request.index, request.snapshot_term)
         self.recent_payloads.clear()
+        self._held.clear()  # they answered for a log that is gone
         if members:
             self.endpoints.update(members)
         installed = SnapshotInstalled(request.index, request.snapshot_term, tuple(sorted(members or {})))

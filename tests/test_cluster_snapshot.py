@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.keys import Cf
 from broker.launcher import ClusterProcesses
-from broker.store import RocksStore
 from cluster.log import LogStore
 from tests.helpers.workload import (
     Workload,
@@ -60,11 +58,11 @@ async def own_view(cluster: ClusterProcesses, node_id: str) -> dict[str, int]:
 def compacted_through(cluster: ClusterProcesses, node_id: str) -> int:
     """The index a stopped member's Raft log is compacted through (read from its files)."""
     assert not cluster[node_id].running
-    store = RocksStore(cluster[node_id].data_dir / "log", (Cf.LOG, Cf.RAFT), memtable_bytes=1 << 20)
+    log = LogStore(cluster[node_id].data_dir / "raft")
     try:
-        return LogStore(store).snapshot_index
+        return log.snapshot_index
     finally:
-        store.close()
+        log.close()
 
 
 async def test_a_follower_behind_the_compacted_log_catches_up_by_snapshot_and_then_serves_every_message(

@@ -5,20 +5,23 @@ it: a durable disk (hard state, log ``index -> (term, payload)``, where the log 
 synced image of the state machine), a state machine that applies ``produce:<id>`` payloads once per id
 (as zbroker's produce ids do), the answers owed to clients by log index, and a one-slot staging area
 for an incoming snapshot. A loop turn is ``Node.run_once`` + ``Replica.flush``, step for step: feed the
-peer messages, tick, propose the clients' requests (leaders only), then persist the merged effects in
-one atomic synced write (a leader whose hard state is unchanged sends first), report ``Persisted``,
-install a snapshot, send (payloads filled in from this turn's appends or the log), stream snapshots,
-apply up to ``min(commit_index, persisted_index)``, answer clients, refuse them on a role change, and
-compact the log after applying (keeping a small tail).
+peer messages, tick, propose the clients' requests (leaders only), then write the merged effects
+(the hard state synced at once, entries to the page cache), install a snapshot, send (payloads filled
+in from this turn's appends or the log; append answers held until everything written is synced),
+hand the writes to the sync thread, which finishes 0..``sync_ms`` later; once it has, report
+``Persisted`` and release the held answers of the current term; stream snapshots, apply up to
+``min(commit_index, persisted_index)``, answer clients, refuse them on a role change, and compact the
+log after applying (keeping a small tail).
 
 The world around them, drawn from the seed: a network that loses, duplicates, delays and reorders
 messages; partitions (a node isolated, a minority split off, single directions cut); stalls (a process
 that takes no turn for up to 3 s while its messages pile up, leaders preferred); crashes at every
-point of a turn (before anything is durable, after a leader's early send but before its fsync, during
-the synced write (it lands or not, atomically), after it, between a snapshot's install and the log's
-reset, after applying, between syncing the state machine and compacting the log), as a process kill
-(the state machine's unsynced writes survive) or a power cut (they are lost back to a random point
-after the last sync, and the log is replayed); restarts from the disk; clocks jumping forward;
+point of a turn (before anything is written, with entries written but not synced, after a sync
+finished but before it was reported, after sending, between a snapshot's install and the log's reset,
+after applying, between syncing the state machine and compacting the log), as a process kill (the
+page cache survives: unsynced log writes and the state machine's writes are kept) or a power cut
+(unsynced log writes are torn after a random prefix, the state machine's lost back to a random point
+after its last sync, and the log is replayed); restarts from the disk; clocks jumping forward;
 leadership transfers; clients that propose to whichever node they believe leads and retry with the
 same id on a timeout or NOT_LEADER. A produce is acknowledged only when the node it was proposed to
 has applied that index with that payload.
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 
 from cluster.messages import (
     AppendRequest,
+    AppendResponse,
     Compacted,
     Effects,
     HardState,
@@ -53,6 +57,7 @@ from cluster.messages import (
     SnapshotFailed,
     SnapshotInstalled,
     SnapshotRequest,
+    SnapshotResponse,
     Tick,
     TransferLeadership,
 )
@@ -60,12 +65,11 @@ from cluster.raft import RaftConfig, RaftCore
 
 NOOP = b""
 CRASH_POINTS = (
-    "received",  # events stepped, nothing durable, nothing sent
-    "early_sent",  # a leader sent its appends before its own fsync, then died
-    "persisting",  # died inside the synced write: the batch landed or not, atomically
-    "persisted",  # durable, but nothing sent
+    "received",  # events stepped, nothing written, nothing sent
+    "written",  # entries in the page cache (a power cut may tear them), nothing sent
     "installing",  # the snapshot replaced the state machine, the log was not reset yet
-    "sent",  # sent, not applied
+    "synced",  # a sync finished (durable), but neither reported to the core nor answered
+    "sent",  # sent (a leader's entries before its own fsync), not applied
     "applied",  # applied, the log not compacted
     "compacting",  # the state machine synced, the log not compacted yet
 )
@@ -117,12 +121,23 @@ class Machine:
         return Machine(self.applied_index, dict(self.values), self.applications.copy(), self.duplicates)
 
 
+def _truncate(log: dict[int, tuple[int, bytes]], start: int) -> None:
+    for index in [index for index in log if index >= start]:
+        del log[index]
+
+
 @dataclass(slots=True)
 class Disk:
     """What survives a crash: ``cluster.log.LogStore`` plus the state machine's last synced image.
 
-    ``journal`` holds the entries applied since that image: written, not synced, so a power cut keeps
-    only a prefix of them (a process kill keeps all).
+    The log has two views. ``log`` is what the node reads: every write lands there at once (the page
+    cache). ``durable`` is what its fsyncs made safe; ``pending`` holds the writes since, in order,
+    each tagged with its ticket. A sync moves writes up to a ticket into ``durable``. A process kill
+    keeps them all (the page cache survives it, and the log is fsynced at start-up); a power cut keeps
+    a random prefix of them: a torn tail, cut where the segment's CRC chain breaks.
+
+    ``journal`` holds the entries applied since the state machine's image: written, not synced, so a
+    power cut keeps only a prefix of them (a process kill keeps all).
     """
 
     hard_state: HardState = field(default_factory=lambda: HardState(0, None))
@@ -130,23 +145,52 @@ class Disk:
     snapshot_term: int = 0
     last_index: int = 0
     log: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    durable: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    durable_last_index: int = 0
+    pending: list[tuple[int, int, int, bytes]] = field(default_factory=list)  # ticket, index, term, payload
     image: Machine = field(default_factory=Machine)
     journal: list[tuple[int, bytes]] = field(default_factory=list)
-    version: int = 0  # bumped by every write, so invariant checks can skip disks that did not change
+    version: int = 0  # bumped by every change of the durable state, so checks can skip unchanged disks
     installing: tuple[int, int] | None = None  # ``LogStore.begin_install``: (index, term), synced
 
-    def persist(self, effects: Effects) -> None:
-        """``LogStore.persist``: hard state, truncation and appends in one atomic synced write."""
-        self.version += 1
+    def write(self, effects: Effects, ticket: int) -> None:
+        """``LogStore.write``: the hard state synced now; truncation and appends to the page cache."""
         if effects.hard_state is not None:
+            self.version += 1
             self.hard_state = effects.hard_state
-        if effects.truncate_from is not None:
-            for index in [index for index in self.log if index >= effects.truncate_from]:
-                del self.log[index]
-            self.last_index = min(self.last_index, effects.truncate_from - 1)
+        if effects.truncate_from is not None and effects.truncate_from <= self.last_index:
+            _truncate(self.log, effects.truncate_from)
+            self.last_index = effects.truncate_from - 1
+            self.pending.append((ticket, effects.truncate_from, -1, b""))  # term -1: a truncation
         for index, term, payload in effects.append:
             self.log[index] = (term, payload)
-            self.last_index = max(self.last_index, index)
+            self.last_index = index
+            self.pending.append((ticket, index, term, payload))
+
+    def sync(self, ticket: int) -> None:
+        """The sync thread finished ``ticket``: writes up to it are durable."""
+        done = [write for write in self.pending if write[0] <= ticket]
+        if done:
+            self.version += 1
+            self._make_durable(done)
+            del self.pending[: len(done)]
+
+    def _make_durable(self, writes: list[tuple[int, int, int, bytes]]) -> None:
+        for _, index, term, payload in writes:
+            if term < 0:
+                _truncate(self.durable, index)
+                self.durable_last_index = min(self.durable_last_index, index - 1)
+            else:
+                self.durable[index] = (term, payload)
+                self.durable_last_index = index
+
+    def lose_unsynced(self, keep: int | None) -> None:
+        """A crash: a kill (``keep`` None) keeps every write, a power cut the first ``keep`` of them."""
+        self.version += 1
+        self._make_durable(self.pending if keep is None else self.pending[:keep])
+        self.pending.clear()
+        self.log = dict(self.durable)
+        self.last_index = self.durable_last_index
 
     def terms(self) -> list[int]:
         """``LogStore.terms``: the terms after the snapshot, up to the first hole (read at start-up)."""
@@ -155,7 +199,7 @@ class Disk:
         while index in self.log:
             terms.append(self.log[index][0])
             index += 1
-        self.last_index = index - 1
+        self.last_index = self.durable_last_index = index - 1
         return terms
 
     def compact(self, through_index: int, term: int) -> None:
@@ -163,17 +207,21 @@ class Disk:
         self.version += 1
         if through_index <= self.snapshot_index:
             return
-        for index in [index for index in self.log if index <= through_index]:
-            del self.log[index]
+        for log in (self.log, self.durable):
+            for index in [index for index in log if index <= through_index]:
+                del log[index]
         self.snapshot_index, self.snapshot_term = through_index, term
         self.last_index = max(self.last_index, through_index)
+        self.durable_last_index = max(self.durable_last_index, through_index)
 
     def reset(self, snapshot_index: int, snapshot_term: int) -> None:
         """``LogStore.reset``: forget every entry; an installed snapshot covers up to ``snapshot_index``."""
         self.version += 1
         self.log.clear()
+        self.durable.clear()
+        self.pending.clear()
         self.snapshot_index, self.snapshot_term = snapshot_index, snapshot_term
-        self.last_index = snapshot_index
+        self.last_index = self.durable_last_index = snapshot_index
 
     def sync_machine(self, machine: Machine) -> None:
         """The state machine's writes are synced (``Store.sync_wal``, or an installed snapshot)."""
@@ -252,7 +300,17 @@ class Node:
         self.staged: Transfer | None = None
         self.pending = Effects()
         self.role_changed = False
+        self._reset_sync()
         self.core = self._new_core(0)
+
+    def _reset_sync(self) -> None:
+        """``LogStore``'s tickets and ``Replica``'s held answers: memory, gone with the process."""
+        self.written_ticket = 0
+        self.requested_ticket = 0
+        self.synced_ticket = 0
+        self.unsynced: collections.deque[list[int]] = collections.deque()  # [ticket, last index]
+        self.sync_running: tuple[int, int] | None = None  # (ticket, when it finishes)
+        self.held: list[tuple[int, str, RaftMessage]] = []
 
     def _new_core(self, now_ms: int) -> RaftCore:
         # ``LogStore.finish_interrupted_install``: a crash between replacing the state machine and
@@ -292,6 +350,7 @@ class Node:
         self.inbox, self.requests, self.waiting = [], [], {}
         self.staged, self.transfer_to, self.armed = None, None, None
         self.pending, self.role_changed = Effects(), False
+        self._reset_sync()
 
     def restart(self, now_ms: int) -> None:
         """Start again from the disk."""
@@ -321,6 +380,7 @@ class Knobs:
     produce_probability: float
     compact_threshold: int
     compact_keep: int
+    sync_ms: int  # an fsync takes 0 .. sync_ms
 
     @classmethod
     def draw(cls, rng: random.Random) -> Knobs:
@@ -341,6 +401,7 @@ class Knobs:
             produce_probability=rng.choice([0.1, 0.3, 0.6]),
             compact_threshold=threshold,
             compact_keep=rng.choice([0, 1, 2, threshold // 2]),
+            sync_ms=rng.choice([0, 5, 20, 80]),
         )
 
 
@@ -537,6 +598,7 @@ class World:
         power = rng.random() < self.knobs.power_cut_share
         keep = rng.randint(0, len(node.disk.journal)) if power else len(node.disk.journal)
         machine = node.disk.recovered_machine(keep_journal=keep) if power else node.machine
+        node.disk.lose_unsynced(rng.randint(0, len(node.disk.pending)) if power else None)
         node.crash(machine)
         node.restart_at_ms = self.now_ms + rng.choice([20, 100, 400, 1_500])
         self.stats[f"crash_{point}"] += 1
@@ -670,27 +732,19 @@ class World:
 
     def _flush(self, node: Node, now: int) -> bool:
         """``Replica.flush``; False when the node crashed inside it."""
-        core, disk = node.core, node.disk
         effects, node.pending = node.pending, Effects()
-        if core.role is Role.LEADER and effects.hard_state is None:
-            self._send_all(node, effects)
-            effects.messages = []
-            if self._dies(node, "early_sent"):
-                return False
         if effects.persist_needed():
-            if node.armed is not None and node.armed[0] == "persisting":
-                if self.rng.random() < 0.5:
-                    self._persist(node, effects)
-                return not self._dies(node, "persisting")
-            self._persist(node, effects)
-            effects.merge(core.step(Persisted(disk.last_index), now))
-        if self._dies(node, "persisted"):
+            self._write(node, effects)
+        if self._dies(node, "written"):
             return False
         if effects.install_snapshot is not None and not self._install(
             node, effects.install_snapshot, now, effects
         ):
             return False
         self._send_all(node, effects)
+        self._request_sync(node, now)
+        if not self._collect_synced(node, now):
+            return False
         for peer in effects.send_snapshot:
             self._start_snapshot(node, peer)
         if self._dies(node, "sent"):
@@ -698,10 +752,53 @@ class World:
         node.role_changed = node.role_changed or effects.role_changed
         return True
 
-    def _persist(self, node: Node, effects: Effects) -> None:
-        node.disk.persist(effects)
+    def _write(self, node: Node, effects: Effects) -> None:
+        """``LogStore.write``: a ticket for the truncation and appends, the index it will make durable."""
+        disk = node.disk
+        if effects.truncate_from is None and not effects.append:
+            disk.write(effects, node.written_ticket)
+            return
+        node.written_ticket += 1
+        if effects.truncate_from is not None and effects.truncate_from <= disk.last_index:
+            for pending in node.unsynced:
+                pending[1] = min(pending[1], effects.truncate_from - 1)
+        disk.write(effects, node.written_ticket)
+        node.unsynced.append([node.written_ticket, disk.last_index])
         for index, term, payload in effects.append:
-            self._record_entry(node.node_id, index, term, payload, "persisted")
+            self._record_entry(node.node_id, index, term, payload, "written")
+
+    def _request_sync(self, node: Node, now: int) -> None:
+        """``LogSyncer``: one sync at a time; what was asked for meanwhile rides on the next one."""
+        node.requested_ticket = max(node.requested_ticket, node.written_ticket)
+        if node.sync_running is None and node.requested_ticket > node.synced_ticket:
+            node.sync_running = (node.requested_ticket, now + self.rng.randint(0, self.knobs.sync_ms))
+
+    def _collect_synced(self, node: Node, now: int) -> bool:
+        """``Replica.collect_synced``: report a finished sync as ``Persisted``, release held answers."""
+        running = node.sync_running
+        if running is None or running[1] > now:
+            return True
+        ticket = running[0]
+        node.sync_running = None
+        node.disk.sync(ticket)
+        node.synced_ticket = ticket
+        if self._dies(node, "synced"):
+            return False
+        durable = None
+        while node.unsynced and node.unsynced[0][0] <= ticket:
+            durable = node.unsynced.popleft()[1]
+        if durable is not None:
+            effects = node.core.step(Persisted(durable), now)
+            node.role_changed = node.role_changed or effects.role_changed
+            self._send_all(node, effects)
+        while node.held and node.held[0][0] <= ticket:
+            _, peer, message = node.held.pop(0)
+            if message.term == node.core.term:
+                self._send(node.node_id, peer, message)
+            else:
+                self.stats["stale_answers_dropped"] += 1
+        self._request_sync(node, now)
+        return True
 
     def _record_entry(self, where: str, index: int, term: int, payload: bytes, how: str) -> None:
         known = self.entries.setdefault((index, term), payload)
@@ -730,6 +827,11 @@ class World:
                     message.commit_index,
                     filled,
                 )
+            if isinstance(message, AppendResponse | SnapshotResponse) and (
+                node.held or node.synced_ticket < node.written_ticket
+            ):
+                node.held.append((node.written_ticket, peer, message))  # ``Replica._send_all``
+                continue
             self._send(node.node_id, peer, message)
 
     def _payloads(
@@ -800,6 +902,8 @@ class World:
             return False
         node.disk.reset(request.index, request.snapshot_term)
         node.disk.installing = None
+        node.unsynced.clear()
+        node.held.clear()  # ``Replica._install_snapshot``: they answered for a log that is gone
         effects.merge(node.core.step(SnapshotInstalled(request.index, request.snapshot_term), now))
         self.stats["snapshots_installed"] += 1
         self.note(f"{node.node_id} installed the snapshot through {request.index} from {request.leader}")
@@ -936,7 +1040,7 @@ class World:
                 f"{disk.snapshot_index}"
             )
         for index in range(max(core.snapshot_index, disk.snapshot_index) + 1, core.persisted_index + 1):
-            entry = disk.log.get(index)
+            entry = disk.durable.get(index)
             if entry is None or entry[0] != core.term_at(index):
                 raise InvariantViolation(
                     f"{node.node_id}'s core counts entry {index} (term {core.term_at(index)}) as persisted, "
@@ -945,9 +1049,9 @@ class World:
 
     def _check_log_matching(self, a: Node, b: Node) -> None:
         """If two durable logs hold an entry of the same index and term, they agree up to it."""
-        la, lb = a.disk.log, b.disk.log
+        la, lb = a.disk.durable, b.disk.durable
         low = max(a.disk.snapshot_index, b.disk.snapshot_index)
-        high = min(a.disk.last_index, b.disk.last_index)
+        high = min(a.disk.durable_last_index, b.disk.durable_last_index)
         for index in range(high, low, -1):
             ea, eb = la.get(index), lb.get(index)
             if ea is None or eb is None or ea[0] != eb[0]:
@@ -968,7 +1072,7 @@ class World:
             holders = [
                 node.node_id
                 for node in self.nodes.values()
-                if node.disk.log.get(first) == entry or produce_id in node.disk.image.values
+                if node.disk.durable.get(first) == entry or produce_id in node.disk.image.values
             ]
             if len(holders) < quorum:
                 raise InvariantViolation(
