@@ -37,6 +37,7 @@ from broker.queue_state import QueueState
 from broker.scheduler import Scheduler
 from broker.store import RocksStore
 from cluster.log import LogStore
+from cluster.log_migration import migrate_rocksdb_log
 from cluster.membership import Members, decode_membership
 from cluster.raft import RaftConfig
 from cluster.replica import Replica, monotonic_ms
@@ -82,6 +83,7 @@ class Node:
         self.data_dir = Path(node.data_dir)
         self.state_dir = self.data_dir / "state"
         recover_state_dir(self.state_dir)
+        migrate_rocksdb_log(self.data_dir / "log", self.data_dir / "raft")
         self.log_store = LogStore(self.data_dir / "raft")
         self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import cluster.log as log_module
+from broker.keys import U64, Cf
+from broker.store import RocksStore
 from cluster.log import LogStore
+from cluster.log_migration import migrate_rocksdb_log
 from cluster.log_state import LogState, LogStateFile
 from cluster.membership import encode_membership
 from cluster.messages import Effects, HardState
@@ -261,3 +265,26 @@ def test_the_state_file_falls_back_to_the_other_slot_when_the_newest_is_torn(tmp
     path.write_bytes(bytes(data))
     # Then the state of the save before it is read
     assert LogStateFile(path).state == states[-2]
+
+
+def test_a_log_kept_in_rocksdb_by_an_older_zbroker_is_moved_into_segment_files(tmp_path: Path) -> None:
+    # Given a data folder with the old RocksDB log: compacted through 3, a vote, entries 4..8
+    old, new = tmp_path / "log", tmp_path / "raft"
+    store = RocksStore(old, (Cf.LOG, Cf.RAFT), memtable_bytes=1 << 20)
+    batch = store.batch()
+    batch.put(Cf.RAFT, b"snapshot", struct.pack(">QQ", 3, 2))
+    batch.put(Cf.RAFT, b"hard_state", U64.pack(5) + b"n3")
+    for index, term, payload in entries(4, 8, 2):
+        batch.put(Cf.LOG, U64.pack(index), U64.pack(term) + payload)
+    store.write(batch, sync=True)
+    store.close()
+    # When a node starts on it
+    assert migrate_rocksdb_log(old, new)
+    # Then the new log holds the same state and entries, and the old folder is gone
+    assert not old.exists()
+    log = LogStore(new)
+    assert (log.snapshot_index, log.snapshot_term, log.hard_state()) == (3, 2, HardState(5, "n3"))
+    assert log.entries(1, 100) == entries(4, 8, 2)
+    log.close()
+    # And a second start finds nothing left to move
+    assert not migrate_rocksdb_log(old, new)
