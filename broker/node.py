@@ -84,7 +84,7 @@ class Node:
         self.state_dir = self.data_dir / "state"
         recover_state_dir(self.state_dir)
         migrate_rocksdb_log(self.data_dir / "log", self.data_dir / "raft")
-        self.log_store = LogStore(self.data_dir / "raft")
+        self.log_store = LogStore(self.data_dir / "raft", fsync=node.fsync)
         self.store = RocksStore(self.state_dir, STATE_MACHINE_CFS, memtable_bytes=STATE_MEMTABLE_BYTES)
         self.state = QueueState(self.store, produce_id_window_ms=int(node.produce_id_window_s * 1000))
         self.scheduler = Scheduler(self.state, default_session_timeout_ms=self.session_timeout_ms)

@@ -288,3 +288,15 @@ def test_a_log_kept_in_rocksdb_by_an_older_zbroker_is_moved_into_segment_files(t
     log.close()
     # And a second start finds nothing left to move
     assert not migrate_rocksdb_log(old, new)
+
+
+def test_with_fsync_off_writes_count_as_durable_as_soon_as_a_sync_is_asked_for(directory: Path) -> None:
+    # Given a log opened with fsync = false
+    log = LogStore(directory, fsync=False)
+    # When entries are written and a sync is asked for
+    append(log, entries(1, 3, 1))
+    assert log.durable_index == 0
+    log.request_sync()
+    # Then the next poll reports them durable without waiting for the disk
+    assert log.poll_synced()[0] == 3
+    log.close()
