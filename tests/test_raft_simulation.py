@@ -1,8 +1,9 @@
 """Seeded simulations of 3- and 5-node Raft groups under faults (``tests/helpers/raft_sim.py``).
 
 Each seed draws a hostile world: lossy, duplicating, reordering network; partitions, one-way ones
-included; crashes at every point of a loop turn (a leader's early send before its fsync among them)
-with torn or kept tails; power cuts that lose the state machine's unsynced writes; clock jumps;
+included; crashes at every point of a loop turn (after the log write but before its fsync
+completes, with a leader's entries already sent and a follower's answers held) and power cuts that
+keep only part of what was not yet synced, of the log and of the state machine; clock jumps;
 stalled processes; leadership transfers; log compaction with snapshots for those left behind;
 clients that retry with the same produce id. Invariants are checked after every step; at the end
 the world heals and must converge. A failure names its seed and the command that replays it, e.g.

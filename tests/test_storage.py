@@ -27,7 +27,7 @@ async def test_acked_messages_give_their_disk_space_back(fresh_node: NodeProcess
         before, after = await admin.compact()
     # Then the space of the deleted messages (and of the compacted log) is reclaimed
     assert before > 16 * 2**20, f"expected the bodies on disk before compaction, saw {before} bytes"
-    # (what stays: two recycled 8 MB WAL files of the fsynced log, kept for cheap fsyncs, and a few SSTs)
+    # (what stays: the log's current segment file, the state store's WAL and a few SSTs)
     assert after < 24 * 2**20, f"{after} bytes left on disk after compaction"
     assert after < before / 2
     assert fresh_node.data_dir.exists()
