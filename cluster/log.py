@@ -318,12 +318,13 @@ class LogStore:
         done, durations = self._syncer.completed()
         return self._advance(done if self.fsync else self._requested_ticket), durations
 
-    def sync_now(self) -> None:
-        """Make everything written durable before returning."""
+    def sync_now(self) -> int | None:
+        """Make everything written durable before returning; the durable index if it moved (as
+        ``poll_synced``, whose next call still reports the sync's duration)."""
         self.request_sync()
         if self.fsync:
             self._syncer.wait(self._requested_ticket)
-        self._advance(self._requested_ticket)
+        return self._advance(self._requested_ticket)
 
     def _advance(self, done: int) -> int | None:
         if done <= self.synced_ticket:

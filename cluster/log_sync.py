@@ -65,11 +65,14 @@ class LogSyncer:
             return self._done, durations
 
     def wait(self, ticket: int) -> None:
-        """Block until ``ticket`` is synced (shutdown and start-up only)."""
+        """Block until ``ticket`` is synced (the loop is blocked too, so the thread has the GIL at once).
+
+        Leaves the wake-up byte and the durations for ``completed``."""
         with self._cond:
             while self._done < ticket and self._error is None:
                 self._cond.wait()
-        self.completed()
+            if self._error is not None:
+                raise LogSyncError(self._error.errno, f"fsync of the Raft log failed: {self._error}")
 
     def close(self) -> None:
         """Finish what was requested, then stop the thread."""

@@ -737,6 +737,8 @@ class World:
             self._write(node, effects)
         if self._dies(node, "written"):
             return False
+        if node.core.role is not Role.LEADER and not self._sync_inline(node, now):
+            return False
         if effects.install_snapshot is not None and not self._install(
             node, effects.install_snapshot, now, effects
         ):
@@ -773,13 +775,27 @@ class World:
         if node.sync_running is None and node.requested_ticket > node.synced_ticket:
             node.sync_running = (node.requested_ticket, now + self.rng.randint(0, self.knobs.sync_ms))
 
+    def _sync_inline(self, node: Node, now: int) -> bool:
+        """A follower's ``LogStore.sync_now`` in ``Replica.flush``: everything written is synced within
+        the turn (a sync the thread is still running finishes later and changes nothing)."""
+        if node.written_ticket <= node.synced_ticket:
+            return True
+        node.requested_ticket = max(node.requested_ticket, node.written_ticket)
+        return self._synced(node, node.written_ticket, now)
+
     def _collect_synced(self, node: Node, now: int) -> bool:
         """``Replica.collect_synced``: report a finished sync as ``Persisted``, release held answers."""
         running = node.sync_running
         if running is None or running[1] > now:
             return True
-        ticket = running[0]
         node.sync_running = None
+        if running[0] <= node.synced_ticket:  # overtaken by an inline sync
+            self._request_sync(node, now)
+            return True
+        return self._synced(node, running[0], now)
+
+    def _synced(self, node: Node, ticket: int, now: int) -> bool:
+        """The log is durable through ``ticket``: tell the core, send the answers that waited."""
         node.disk.sync(ticket)
         node.synced_ticket = ticket
         if self._dies(node, "synced"):
