@@ -14,9 +14,10 @@ tail cut off was never acknowledged: acknowledgements wait for the fsync (``LogS
 
 Writing is split in two. ``write`` puts entries in the page cache at once (the node loop goes on, and
 a leader sends them to its followers meanwhile); ``request_sync`` hands the files to the sync thread;
-``poll_synced`` says up to which index the log is durable now. Only that index may be acknowledged:
-the shell reports it to the core as ``Persisted``. The hard state (term, vote) is written and synced
-on the spot, since votes are rare and must not be answered before it is on disk.
+``poll_synced`` says up to which index the log is durable now; ``sync_now`` syncs in the calling
+thread instead (a follower, whose answers must wait for it anyway). Only the durable index may be
+acknowledged: the shell reports it to the core as ``Persisted``. The hard state (term, vote) is
+written and synced on the spot, since votes are rare and must not be answered before it is on disk.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from __future__ import annotations
 import collections
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster.log_state import LogState, LogStateFile
-from cluster.log_sync import LogSyncer
+from cluster.log_sync import LogSyncer, LogSyncError
 from cluster.membership import MAGIC as MEMBERSHIP_MAGIC
 from cluster.messages import Effects, HardState
 
@@ -96,6 +98,7 @@ class LogStore:
         self._dirty_directory = False
         self._unsynced: collections.deque[list[int]] = collections.deque()  # [ticket, last index]
         self._closing: list[_Segment] = []
+        self._durations: list[float] = []  # of syncs done by ``sync_now``, for ``poll_synced``
         self.durable_index = self.last_index
 
     # ------------------------------------------------------------------ start-up
@@ -316,15 +319,29 @@ class LogStore:
     def poll_synced(self) -> tuple[int | None, list[float]]:
         """The index durable now if it moved since the last call (else None), and the syncs' durations."""
         done, durations = self._syncer.completed()
+        if self._durations:
+            durations, self._durations = [*self._durations, *durations], []
         return self._advance(done if self.fsync else self._requested_ticket), durations
 
     def sync_now(self) -> int | None:
-        """Make everything written durable before returning; the durable index if it moved (as
-        ``poll_synced``, whose next call still reports the sync's duration)."""
-        self.request_sync()
-        if self.fsync:
-            self._syncer.wait(self._requested_ticket)
-        return self._advance(self._requested_ticket)
+        """Make everything written durable before returning, in the calling thread (after a sync the
+        thread may still run for files handed to it); the durable index if it moved, as ``poll_synced``."""
+        if self.fsync and self.written_ticket > self.synced_ticket:
+            if self._requested_ticket > self.synced_ticket:
+                self._syncer.wait(self._requested_ticket)
+            started = time.perf_counter()
+            try:
+                for fd in self._dirty:
+                    os.fdatasync(fd)
+                if self._dirty_directory:
+                    os.fsync(self._dir_fd)
+            except OSError as exc:
+                raise LogSyncError(exc.errno, f"fsync of the Raft log failed: {exc}") from exc
+            self._durations.append(time.perf_counter() - started)
+            self._dirty.clear()
+            self._dirty_directory = False
+        self._requested_ticket = max(self._requested_ticket, self.written_ticket)
+        return self._advance(self.written_ticket)
 
     def _advance(self, done: int) -> int | None:
         if done <= self.synced_ticket:

@@ -14,8 +14,10 @@ rides on the next fsync (group commit without a timer). Pipelined both ways: the
 for an answer before sending the next batch, nor for its own fsync before sending its entries. What
 the sync thread finished is reported to the core as ``Persisted``: only then does the leader count
 itself, and only then do append answers leave (they promise the entries are on disk). A follower,
-whose answers are what the leader waits for and who has nothing better to do meanwhile, waits for
-its fsync within the turn instead: its answers leave a thread hand-off sooner.
+whose answers are what the leader waits for and who has nothing better to do meanwhile, fsyncs
+within the turn instead (``LogStore.sync_now``): no thread hand-offs on the replication round trip.
+The leader keeps the thread, so a slow disk on the leader does not stop it from counting its
+followers' answers: two followers make a majority of three without it.
 """
 
 from __future__ import annotations

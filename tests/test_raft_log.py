@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +92,38 @@ def test_a_write_is_durable_only_once_the_sync_thread_reports_it(directory: Path
     wait_durable(log, 9)
     assert log.durable_index == 9
     log.close()
+
+
+def test_a_sync_in_the_calling_thread_covers_what_the_thread_was_given_and_what_came_after(
+    directory: Path, small_segments: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a log whose entries 1..10 were handed to the sync thread, then entries 11..40 written
+    # (new segment files among them) without asking for a sync
+    synced: list[tuple[int, int]] = []  # (thread, fd)
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append((threading.get_ident(), fd))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    log = LogStore(directory)
+    append(log, entries(1, 10, 1))
+    log.request_sync()
+    append(log, entries(11, 40, 1))
+    newest = log._segments[-1].fd
+    assert len(segment_files(directory)) > 2
+    # When the caller syncs in its own thread (a follower before it answers)
+    durable = log.sync_now()
+    # Then everything written is durable once it returns, the newest segment synced by the caller
+    assert (durable, log.durable_index) == (40, 40)
+    assert (threading.get_ident(), newest) in synced
+    # and the next poll reports no new index, but the sync's duration
+    moved, durations = log.poll_synced()
+    assert moved is None and durations
+    assert log.sync_now() is None  # nothing new to sync
+    log.close()
+    assert LogStore(directory).entries(1, 41) == entries(1, 40, 1)
 
 
 def test_a_truncation_while_a_sync_is_pending_never_reports_the_replaced_entries(directory: Path) -> None:
