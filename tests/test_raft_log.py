@@ -35,6 +35,21 @@ def append(log: LogStore, rows: list[tuple[int, int, bytes]], *, truncate_from: 
     log.write(Effects(truncate_from=truncate_from, append=list(rows)))
 
 
+def append_200(log: LogStore) -> None:
+    """Entries 1..200 of term 1, written 20 at a time."""
+    for first in range(1, 201, 20):
+        append(log, entries(first, first + 19, 1))
+
+
+def one_segment_log(directory: Path, last: int) -> Path:
+    """A closed log of entries 1..``last`` of term 1 (durable), and its one segment file."""
+    log = LogStore(directory)
+    log.persist(Effects(append=entries(1, last, 1)))
+    log.close()
+    (segment,) = segment_files(directory)
+    return segment
+
+
 def wait_durable(log: LogStore, index: int, timeout_s: float = 10.0) -> None:
     """Poll the log as the node loop does until ``index`` is reported durable."""
     deadline = time.monotonic() + timeout_s
@@ -143,10 +158,7 @@ def test_a_truncation_while_a_sync_is_pending_never_reports_the_replaced_entries
 
 def test_a_torn_tail_is_cut_off_at_the_last_whole_record_and_the_log_goes_on(directory: Path) -> None:
     # Given a log of 20 entries whose last record was torn by a crash
-    log = LogStore(directory)
-    log.persist(Effects(append=entries(1, 20, 1)))
-    log.close()
-    (segment,) = segment_files(directory)
+    segment = one_segment_log(directory, 20)
     size = segment.stat().st_size
     os.truncate(segment, size - 7)
     # When it is opened again
@@ -162,10 +174,7 @@ def test_a_torn_tail_is_cut_off_at_the_last_whole_record_and_the_log_goes_on(dir
 
 def test_garbage_after_the_last_record_is_cut_off(directory: Path) -> None:
     # Given a log whose file got random bytes after its last record
-    log = LogStore(directory)
-    log.persist(Effects(append=entries(1, 5, 1)))
-    log.close()
-    (segment,) = segment_files(directory)
+    segment = one_segment_log(directory, 5)
     with segment.open("ab") as file:
         file.write(os.urandom(300))
     # When it is opened again
@@ -200,8 +209,7 @@ def test_old_records_behind_a_rewrite_that_did_not_reach_the_disk_are_not_taken_
 def test_segments_roll_over_and_compaction_deletes_whole_ones(directory: Path) -> None:
     # Given a log of 200 entries in segments of about 1 KiB
     log = LogStore(directory)
-    for first in range(1, 201, 20):
-        append(log, entries(first, first + 19, 1))
+    append_200(log)
     log.sync_now()
     files = segment_files(directory)
     assert len(files) > 5
@@ -223,8 +231,7 @@ def test_segments_roll_over_and_compaction_deletes_whole_ones(directory: Path) -
 def test_a_missing_segment_ends_the_log_before_the_hole(directory: Path) -> None:
     # Given a log of many segments, one in the middle lost
     log = LogStore(directory)
-    for first in range(1, 201, 20):
-        append(log, entries(first, first + 19, 1))
+    append_200(log)
     log.close()
     files = segment_files(directory)
     lost = files[3]
