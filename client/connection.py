@@ -46,6 +46,7 @@ EARLY_FLUSH_ITEMS = 32
 RETRY_PAUSE_S = 0.05
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
 REDIRECT_PAUSE_S = 0.05
+MAX_REDIRECT_PAUSE_S = 0.1  # between attempts while no node answers as leader (an election)
 _RETRIABLE_CODES = frozenset({p.ErrorCode.NOT_LEADER, p.ErrorCode.UNAVAILABLE, p.ErrorCode.SESSION_UNKNOWN})
 _BATCHED = (p.Command.PRODUCE, p.Command.ACK, p.Command.NACK)
 
@@ -129,6 +130,7 @@ class Connection:
         self._welcome: asyncio.Future[p.Welcome] | None = None
         self._keepalive_task: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
+        self._redirected = False  # the last failed HELLO was answered with the leader's endpoint
         self._last_received = 0.0
 
     # ------------------------------------------------------------------ life cycle
@@ -236,10 +238,15 @@ class Connection:
                 zmq.NOBLOCK,
             )
             self._loop.call_soon(self._on_readable)
+            # A ZeroMQ socket's FD signals only after its events were read once: without this first
+            # read, a refused connection or a dropped one is seen by the keepalive timer, not at once.
+            self._loop.call_soon(self._on_monitor)
             welcome = await asyncio.wait_for(asyncio.shield(self._welcome), CONNECT_TIMEOUT_S)
         except NotLeaderError as exc:
             self._close_socket()
+            tried = self.endpoints[self._endpoint_index]
             self._follow(exc.leader_endpoint)
+            self._redirected = bool(exc.leader_endpoint) and exc.leader_endpoint != tried
             return False
         except (TimeoutError, zmq.ZMQError, BrokerConnectionError):
             self._close_socket()
@@ -268,12 +275,21 @@ class Connection:
         self._reconnecting = asyncio.create_task(self._reconnect_loop(), name="zbroker-reconnect")
 
     async def _reconnect_loop(self) -> None:
+        """Try nodes until one welcomes us as leader. A redirect to the leader's endpoint is followed at
+        once (one in a row: stale views may point in a circle); otherwise wait a little longer each
+        time, up to ``MAX_REDIRECT_PAUSE_S``, so a client finds the new leader soon after an election."""
         pause = REDIRECT_PAUSE_S
+        followed = False
         while self.state is not ConnectionState.CLOSED:
+            self._redirected = False
             if await self._connect_once():
                 return
+            if self._redirected and not followed:
+                followed = True
+                continue
+            followed = False
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.5)
+            pause = min(pause * 2, MAX_REDIRECT_PAUSE_S)
 
     async def _keepalive(self) -> None:
         """Send heartbeats, detect a silent node, re-send what was not answered, expire what is late."""
