@@ -60,6 +60,19 @@ def _is_async(handler: Handler) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
+def _message(delivery: p.Delivery, data: Any) -> QueueMessage[Any]:
+    """The ``QueueMessage`` a two-argument handler gets beside the data."""
+    return QueueMessage(
+        delivery.message_id,
+        delivery.channel,
+        data,
+        delivery.attempt,
+        datetime.datetime.fromtimestamp(delivery.produced_at_ms / 1000, datetime.UTC),
+        delivery.seq,
+        delivery.lease_token,
+    )
+
+
 class Consumer(Generic[T]):
     """Handles messages of one channel in the background; ``close()`` finishes in-flight work."""
 
@@ -141,10 +154,10 @@ class Consumer(Generic[T]):
             self._active.add(key)
             task = asyncio.create_task(self._process(delivery))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
             task.add_done_callback(functools.partial(self._finished, key))
 
     def _finished(self, key: tuple[int, int], task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
         self._active.discard(key)
 
     def _settle_later(self, command: p.Command, wire: Any) -> asyncio.Future[Any]:
@@ -158,16 +171,7 @@ class Consumer(Generic[T]):
         except PayloadValidationError as exc:
             await self._settle(p.Command.NACK, delivery, False, str(exc))
             return
-        message = QueueMessage(
-            delivery.message_id,
-            delivery.channel,
-            data,
-            delivery.attempt,
-            datetime.datetime.fromtimestamp(delivery.produced_at_ms / 1000, datetime.UTC),
-            delivery.seq,
-            delivery.lease_token,
-        )
-        args = (data,) if self._arity == 1 else (data, message)
+        args = (data,) if self._arity == 1 else (data, _message(delivery, data))
         timeout = self.processing_timeout_ms / 1000 if self.processing_timeout_ms else None
         try:
             if self._async:
