@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -17,6 +18,7 @@ from broker.store import RocksStore
 from cluster.log import LogStore
 from cluster.log_migration import migrate_rocksdb_log
 from cluster.log_state import LogState, LogStateFile
+from cluster.log_sync import LogSyncError
 from cluster.membership import encode_membership
 from cluster.messages import Effects, HardState
 
@@ -139,6 +141,29 @@ def test_a_sync_in_the_calling_thread_covers_what_the_thread_was_given_and_what_
     assert log.sync_now() is None  # nothing new to sync
     log.close()
     assert LogStore(directory).entries(1, 41) == entries(1, 40, 1)
+
+
+def test_a_failed_fsync_is_fatal_and_claims_nothing(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a log with entries 1..3 durable and 4..6 written
+    log = LogStore(directory)
+    log.persist(Effects(append=entries(1, 3, 1)))
+    append(log, entries(4, 6, 1))
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    # When the disk fails the sync, in the caller's thread and in the sync thread
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(LogSyncError, match="fsync of the Raft log failed"):
+        log.sync_now()
+    append(log, entries(7, 7, 1))
+    log.request_sync()
+    with pytest.raises(LogSyncError):
+        while True:  # until the thread has tried (bounded by the test's timeout)
+            log.poll_synced()
+            time.sleep(0.001)
+    # Then nothing after 3 was ever reported durable
+    assert log.durable_index == 3
 
 
 def test_a_truncation_while_a_sync_is_pending_never_reports_the_replaced_entries(directory: Path) -> None:
