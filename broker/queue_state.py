@@ -307,9 +307,12 @@ class QueueState:
     def _apply_command(self, command: LogCommand, now_ms: int) -> CommandResult:
         match command:
             case ProduceCmd(items):
-                self._prefetch_pids(items)
+                keys = self._prefetch_pids(items)
                 try:
-                    return [self._produce(item, now_ms) for item in items]
+                    return [
+                        self._produce(item, now_ms, key, previous_key)
+                        for item, (key, previous_key) in zip(items, keys, strict=True)
+                    ]
                 finally:
                     self._stored_pids = {}
             case LeaseCmd():
@@ -370,10 +373,11 @@ class QueueState:
             self._dirty.add(channel.chan_id)
         return channel
 
-    def _produce(self, item: ProduceItem, now_ms: int) -> ProduceOutcome:
+    def _produce(
+        self, item: ProduceItem, now_ms: int, pid_key: bytes, previous_key: bytes | None
+    ) -> ProduceOutcome:
         produce_id = item.produce_id
-        pid_key = k.pid_key(self.pid_bucket, produce_id)
-        known = self._known_produce_id(pid_key, produce_id)
+        known = self._known_produce_id(pid_key, previous_key)
         if known is not None:
             duplicate, message_id = k.unpack_pid(known)
             return ProduceOutcome(message_id, duplicate)
@@ -409,12 +413,22 @@ class QueueState:
         channel.produced_total += 1
         return ProduceOutcome(produce_id, False)
 
-    def _prefetch_pids(self, items: Sequence[ProduceItem]) -> None:
+    def _prefetch_pids(self, items: Sequence[ProduceItem]) -> list[tuple[bytes, bytes | None]]:
         """Read the stored records of every produce id in ``items`` (this bucket and the previous one)
-        in one multi-get instead of one lookup per message."""
-        buckets = (self.pid_bucket, self.pid_bucket - 1) if self.pid_bucket else (self.pid_bucket,)
-        keys = list({k.pid_key(bucket, item.produce_id) for item in items for bucket in buckets})
-        self._stored_pids = dict(zip(keys, self.store.multi_get(Cf.PIDS, keys), strict=True))
+        in one multi-get instead of one lookup per message; the keys (this bucket's, the previous
+        one's or None) of each item."""
+        bucket = self.pid_bucket
+        current = [k.pid_key(bucket, item.produce_id) for item in items]
+        keys: list[tuple[bytes, bytes | None]]
+        if bucket:
+            previous = [k.pid_key(bucket - 1, item.produce_id) for item in items]
+            keys = list(zip(current, previous, strict=True))
+            wanted = list({*current, *previous})
+        else:
+            keys = [(key, None) for key in current]
+            wanted = list(set(current))
+        self._stored_pids = dict(zip(wanted, self.store.multi_get(Cf.PIDS, wanted), strict=True))
+        return keys
 
     def _stored_pid(self, key: bytes) -> bytes | None:
         """A stored produce-id record: prefetched for the current command, else read now."""
@@ -422,13 +436,12 @@ class QueueState:
             return self._stored_pids[key]
         return self.store.get(Cf.PIDS, key)
 
-    def _known_produce_id(self, pid_key: bytes, produce_id: str) -> bytes | None:
+    def _known_produce_id(self, pid_key: bytes, previous_key: bytes | None) -> bytes | None:
         """The record of a produce id seen in this bucket or the previous one (pending writes first)."""
         pending = self._overlays[Cf.PIDS]
         known = pending.get(pid_key)
-        if known is not None or not self.pid_bucket:
+        if known is not None or previous_key is None:
             return known if known is not None else self._stored_pid(pid_key)
-        previous_key = k.pid_key(self.pid_bucket - 1, produce_id)
         known = pending.get(previous_key)
         if known is not None:
             return known

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from rocksdict import (
+    BlockBasedOptions,
     Checkpoint,
     Options,
     Rdict,
@@ -189,11 +190,28 @@ class RocksBatch(Batch):
         return self._ops
 
 
+# Families read by point lookups that mostly miss (is this produce id / dedup hash known?): a Bloom
+# filter in the memtable and in every table file answers most misses without a search (measured here:
+# a missing key in a 200,000-key family 1.6 -> 0.4 us).
+_LOOKUP_FAMILIES = frozenset({Cf.PIDS, Cf.DEDUP})
+
+
 def _options(write_buffer_bytes: int) -> Options:
     options = Options(raw_mode=True)
     options.set_write_buffer_size(write_buffer_bytes)
     options.set_max_write_buffer_number(3)
     options.set_level_compaction_dynamic_level_bytes(True)
+    return options
+
+
+def _family_options(family: str) -> Options:
+    options = _options(8 << 20)
+    if family in _LOOKUP_FAMILIES:
+        options.set_memtable_prefix_bloom_ratio(0.1)
+        options.set_memtable_whole_key_filtering(True)
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        options.set_block_based_table_factory(table)
     return options
 
 
@@ -229,14 +247,17 @@ class RocksStore(Store):
             options.set_recycle_log_file_num(recycle_wal_files)
         self.path = path
         self.families = families
-        self._db = Rdict(str(path), options)
-        existing = set(Rdict.list_cf(str(path), Options(raw_mode=True)))
+        # Open every existing family with this code's options (not those it was created with).
+        existing = Rdict.list_cf(str(path), Options(raw_mode=True)) if (path / "CURRENT").exists() else []
+        self._db = Rdict(
+            str(path), options, column_families={name: _family_options(name) for name in existing}
+        )
         self._families: dict[Cf, Rdict] = {}
         for cf in families:
             self._families[cf] = (
                 self._db.get_column_family(cf.value)
                 if cf.value in existing
-                else self._db.create_column_family(cf.value, _options(8 << 20))
+                else self._db.create_column_family(cf.value, _family_options(cf.value))
             )
         self._handles: dict[Cf, Any] = {cf: self._db.get_column_family_handle(cf.value) for cf in families}
         self._sync = WriteOptions()
