@@ -38,7 +38,7 @@ async def test_acked_messages_give_their_disk_space_back(fresh_node: NodeProcess
     assert fresh_node.data_dir.exists()
 
 
-def _family_options(path: Path) -> dict[str, str]:
+def _options_file_sections(path: Path) -> dict[str, str]:
     """Each column family's section of the newest RocksDB OPTIONS file, as text."""
     newest = max(path.glob("OPTIONS-*"), key=lambda file: int(file.name.split("-")[1]))
     sections: dict[str, str] = {}
@@ -60,14 +60,14 @@ def test_produce_id_and_dedup_lookups_get_bloom_filters_even_in_a_store_made_wit
         db.create_column_family(cf.value, Options(raw_mode=True))
     db.close()
     del db
-    assert "bloomfilter" not in _family_options(tmp_path)[Cf.PIDS.value]
+    assert "bloomfilter" not in _options_file_sections(tmp_path)[Cf.PIDS.value]
     # When the node's store opens it and a produce id is written
     store = RocksStore(tmp_path, STATE_MACHINE_CFS)
     batch = store.batch()
     batch.put(Cf.PIDS, b"id-1", b"\x00m-1")
     store.write(batch, sync=True)
     # Then the mostly-missing lookups have filters, the other families none, and reads still answer
-    sections = _family_options(tmp_path)
+    sections = _options_file_sections(tmp_path)
     for cf in (Cf.PIDS, Cf.DEDUP):
         assert "filter_policy=bloomfilter" in sections[cf.value], cf
         assert "memtable_prefix_bloom_size_ratio=0.1" in sections[cf.value], cf
